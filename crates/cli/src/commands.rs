@@ -1,0 +1,203 @@
+//! What each command does: call the library, print the outcome.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use sluice_schemas::{Registry, SchemaDir};
+
+use crate::cli::{Cli, Command, GraphFormat, RegistryCommand, SchemasCommand, TopologyCommand};
+
+/// Exit code of a command that is not available in this build.
+const NOT_AVAILABLE: u8 = 2;
+
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Topology(TopologyCommand::Validate { files, schemas }) => {
+            validate(&files, schemas.as_deref())
+        }
+        Command::Topology(TopologyCommand::Graph { file, format }) => graph(&file, format),
+        Command::Schemas(SchemasCommand::Check { dir }) => schemas_check(&dir),
+        Command::Registry(RegistryCommand::Serve {
+            addr,
+            data_dir,
+            schemas,
+        }) => registry_serve(addr, &data_dir, schemas.as_deref()),
+        Command::Dev(_) => not_available("dev", "issue 5 (the edge and the all-in-one mode)"),
+        Command::Run(_) => not_available("run", "issue 3 (the log and the processor runtime)"),
+        Command::Simulate(_) => not_available("simulate", "issue 5 (the fleet simulator)"),
+        Command::Sql(_) => not_available("sql", "issue 6 (the SQL endpoint)"),
+        Command::Replay(_) => not_available("replay", "issue 9 (operator replay)"),
+        Command::Dlq(_) => not_available("dlq", "issue 9 (dead letters)"),
+        Command::Keys(_) => not_available("keys", "issue 5 (API keys)"),
+        Command::Migrate(_) => not_available("migrate", "issue 4 (the store)"),
+        Command::Bench(_) => not_available("bench", "issue 11 (the benchmark suite)"),
+    }
+}
+
+fn not_available(command: &str, comes_with: &str) -> Result<ExitCode> {
+    eprintln!("sluice {command} is not available in this build yet: it arrives with {comes_with}.");
+    Ok(ExitCode::from(NOT_AVAILABLE))
+}
+
+/// The schemas folder for a topology: the one given, else `./schemas`, else the `schemas`
+/// folder beside the topology's folder (`topologies/x.yaml` → `schemas/`).
+fn schemas_for(topology: &Path, given: Option<&Path>) -> Result<PathBuf> {
+    if let Some(dir) = given {
+        return Ok(dir.to_owned());
+    }
+    let beside = topology
+        .parent()
+        .and_then(Path::parent)
+        .map(|p| p.join("schemas"));
+    [Some(PathBuf::from("schemas")), beside]
+        .into_iter()
+        .flatten()
+        .find(|p| p.is_dir())
+        .with_context(|| {
+            format!(
+                "no schemas folder found for {} (looked in ./schemas and beside its folder); pass --schemas DIR",
+                topology.display()
+            )
+        })
+}
+
+fn load_schemas(dir: &Path) -> Result<SchemaDir> {
+    SchemaDir::load(dir).map_err(|problems| {
+        let lines: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        anyhow::anyhow!(
+            "the schemas folder {} has problems:\n  {}",
+            dir.display(),
+            lines.join("\n  ")
+        )
+    })
+}
+
+fn validate(files: &[PathBuf], schemas: Option<&Path>) -> Result<ExitCode> {
+    let mut total = 0;
+    for file in files {
+        let subjects = load_schemas(&schemas_for(file, schemas)?)?.subject_names();
+        let issues = match sluice_topology::load(file) {
+            Ok(topology) => {
+                let issues = topology.validate(&subjects);
+                if issues.is_empty() {
+                    println!(
+                        "{}: ok ({} topics, {} processors)",
+                        file.display(),
+                        topology.topics.len(),
+                        topology.processors.len()
+                    );
+                }
+                issues
+            }
+            Err(issues) => issues,
+        };
+        for issue in &issues {
+            println!("{}: {issue}", file.display());
+        }
+        total += issues.len();
+    }
+    if total == 0 {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let noun = if total == 1 { "problem" } else { "problems" };
+    eprintln!("{total} {noun} found");
+    Ok(ExitCode::FAILURE)
+}
+
+fn graph(file: &Path, format: GraphFormat) -> Result<ExitCode> {
+    let topology = match sluice_topology::load(file) {
+        Ok(t) => t,
+        Err(issues) => {
+            for issue in &issues {
+                eprintln!("{}: {issue}", file.display());
+            }
+            bail!("{} cannot be drawn: it does not parse", file.display());
+        }
+    };
+    let text = match format {
+        GraphFormat::Mermaid => topology.to_mermaid(),
+        GraphFormat::Dot => topology.to_dot(),
+    };
+    print!("{text}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn schemas_check(dir: &Path) -> Result<ExitCode> {
+    let folder = load_schemas(dir)?;
+    let problems = folder.check();
+    if problems.is_empty() {
+        let versions: usize = folder.subjects().iter().map(|s| s.versions.len()).sum();
+        println!(
+            "{}: ok ({} subjects, {versions} versions, every version compatible with its predecessors)",
+            dir.display(),
+            folder.subjects().len()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    for p in &problems {
+        println!("{p}");
+    }
+    eprintln!("{} incompatible schema version(s)", problems.len());
+    Ok(ExitCode::FAILURE)
+}
+
+fn registry_serve(
+    addr: std::net::SocketAddr,
+    data_dir: &Path,
+    schemas: Option<&Path>,
+) -> Result<ExitCode> {
+    let dir = data_dir.join("registry");
+    let registry = Registry::open(&dir)
+        .with_context(|| format!("cannot open the registry in {}", dir.display()))?;
+    if let Some(schemas) = schemas {
+        let added = registry
+            .register_dir(&load_schemas(schemas)?)
+            .with_context(|| format!("cannot register the schemas of {}", schemas.display()))?;
+        tracing::info!(added, schemas = %schemas.display(), "schemas registered");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        let local = listener.local_addr()?;
+        // The address goes to stdout so scripts (and tests) can pick up an ephemeral port.
+        println!("registry listening on http://{local}");
+        tracing::info!(%local, data = %dir.display(), "registry serving");
+        sluice_schemas::http::serve(Arc::new(registry), listener, shutdown_signal())
+            .await
+            .context("registry server failed")?;
+        tracing::info!("registry stopped");
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = interrupt => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}
