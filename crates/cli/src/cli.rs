@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Sluice: an event-sourced stream processor on Kafka for IoT fleets.
 #[derive(Debug, Parser)]
-#[command(name = "sluice", version, about, propagate_version = true)]
+#[command(name = "sluice", version, propagate_version = true)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -64,13 +64,17 @@ fn schemas_for(topology: &Path, given: Option<&Path>) -> Result<PathBuf> {
 }
 
 fn load_schemas(dir: &Path) -> Result<SchemaDir> {
-    SchemaDir::load(dir).map_err(|problems| {
-        let lines: Vec<String> = problems.iter().map(ToString::to_string).collect();
-        anyhow::anyhow!(
-            "the schemas folder {} has problems:\n  {}",
-            dir.display(),
-            lines.join("\n  ")
-        )
+    SchemaDir::load(dir).map_err(|problems| match &problems[..] {
+        [one] => anyhow::anyhow!("{one}"),
+        many => {
+            let lines: Vec<String> = many.iter().map(ToString::to_string).collect();
+            anyhow::anyhow!(
+                "the schemas folder {} has {} problems:\n  {}",
+                dir.display(),
+                many.len(),
+                lines.join("\n  ")
+            )
+        }
     })
 }
 
@@ -113,7 +117,10 @@ fn graph(file: &Path, format: GraphFormat) -> Result<ExitCode> {
             for issue in &issues {
                 eprintln!("{}: {issue}", file.display());
             }
-            bail!("{} cannot be drawn: it does not parse", file.display());
+            bail!(
+                "{} cannot be drawn until the problems above are fixed",
+                file.display()
+            );
         }
     };
     let text = match format {
