@@ -44,7 +44,8 @@ pub enum Command {
     /// Apply the store's schema migrations.
     Migrate(MigrateArgs),
     /// Run a benchmark and print its figures.
-    Bench(BenchArgs),
+    #[command(subcommand)]
+    Bench(BenchCommand),
 }
 
 #[derive(Debug, Args)]
@@ -171,10 +172,37 @@ pub struct MigrateArgs {
     pub store: String,
 }
 
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Produce messages while a consumer group reads them back with commits; print produce and
+    /// consume throughput and produce-to-consume latency.
+    Log(BenchLogArgs),
+    /// The whole default topology on pre-generated input.
+    Pipeline(PendingArgs),
+}
+
 #[derive(Debug, Args)]
-pub struct BenchArgs {
-    /// What to measure (e.g. pipeline).
-    pub what: String,
+pub struct BenchLogArgs {
+    /// The log: embedded://DIR, kafka://host:port[,host:port], or kafka-mock:// (an in-process
+    /// mock Kafka cluster started for the run).
+    #[arg(long, env = "SLUICE__LOG")]
+    pub log: String,
+    /// Messages to produce and consume.
+    #[arg(long, default_value_t = 200_000)]
+    pub messages: u64,
+    /// Bytes per message.
+    #[arg(long, default_value_t = 200)]
+    pub size: usize,
+    /// Records per produce call.
+    #[arg(long, default_value_t = 1_000)]
+    pub batch: usize,
+    /// Partitions of the bench topic.
+    #[arg(long, default_value_t = 6)]
+    pub partitions: u32,
+    /// Produce at this many messages per second (for latency at a given load); unpaced when
+    /// absent.
+    #[arg(long)]
+    pub rate: Option<u64>,
     /// Print the figures as JSON.
     #[arg(long)]
     pub json: bool,

@@ -7,7 +7,10 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use sluice_schemas::{Registry, SchemaDir};
 
-use crate::cli::{Cli, Command, GraphFormat, RegistryCommand, SchemasCommand, TopologyCommand};
+use crate::cli::{
+    BenchCommand, BenchLogArgs, Cli, Command, GraphFormat, RegistryCommand, SchemasCommand,
+    TopologyCommand,
+};
 
 /// Exit code of a command that is not available in this build.
 const NOT_AVAILABLE: u8 = 2;
@@ -32,7 +35,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Dlq(_) => not_available("dlq", "issue 9 (dead letters)"),
         Command::Keys(_) => not_available("keys", "issue 5 (API keys)"),
         Command::Migrate(_) => not_available("migrate", "issue 4 (the store)"),
-        Command::Bench(_) => not_available("bench", "issue 11 (the benchmark suite)"),
+        Command::Bench(BenchCommand::Log(args)) => bench_log(&args),
+        Command::Bench(BenchCommand::Pipeline(_)) => {
+            not_available("bench pipeline", "issue 11 (the benchmark suite)")
+        }
     }
 }
 
@@ -207,4 +213,64 @@ async fn shutdown_signal() {
     {
         let _ = interrupt.await;
     }
+}
+
+fn bench_log(args: &BenchLogArgs) -> Result<ExitCode> {
+    use sluice_log::bench::{self, BenchOptions};
+    let opts = BenchOptions {
+        messages: args.messages,
+        size: args.size,
+        batch: args.batch,
+        partitions: args.partitions,
+        rate: args.rate,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let progress = |done: u64| eprintln!("  consumed {done}/{}", args.messages);
+    let report = runtime.block_on(async {
+        if let Some(dir) = args.log.strip_prefix("embedded://") {
+            let log = sluice_log::EmbeddedLog::from_url(&args.log)?;
+            bench::run(&log, &opts, Some(Path::new(dir)), progress).await
+        } else {
+            Err(sluice_log::Error::InvalidUrl {
+                url: args.log.clone(),
+                reason: "expected embedded://DIR, kafka://host:port or kafka-mock://".into(),
+            })
+        }
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "log bench on {}: {} messages of {} B, batches of {}{}",
+        args.log,
+        report.messages,
+        report.size,
+        report.batch,
+        report
+            .rate
+            .map_or(String::new(), |r| format!(", paced at {r} msgs/s"))
+    );
+    let baseline = match (report.baseline_fsync_msgs_per_s, report.produce_vs_baseline) {
+        (Some(b), Some(ratio)) => {
+            format!("  (raw write+fsync of the same batches: {b:.0} msgs/s; ratio {ratio:.2})")
+        }
+        _ => String::new(),
+    };
+    println!(
+        "  produce  {:>10.0} msgs/s{baseline}",
+        report.produce_msgs_per_s
+    );
+    println!(
+        "  consume  {:>10.0} msgs/s  (committing after every poll)",
+        report.consume_msgs_per_s
+    );
+    println!(
+        "  latency  p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms (produce call to consume)",
+        report.latency_ms.p50, report.latency_ms.p99, report.latency_ms.max
+    );
+    Ok(ExitCode::SUCCESS)
 }

@@ -253,3 +253,55 @@ fn registry_serve_persists_ids_across_restarts_and_stops_on_sigterm() {
     assert_eq!(by_id["schema"], latest["schema"]);
     assert!(second.terminate().success());
 }
+
+#[test]
+fn bench_log_on_the_embedded_log_prints_figures_as_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("embedded://{}", dir.path().display());
+    let out = sluice(&[
+        "bench",
+        "log",
+        "--log",
+        &url,
+        "--messages",
+        "3000",
+        "--batch",
+        "500",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["messages"], 3000);
+    for field in [
+        "produce_msgs_per_s",
+        "consume_msgs_per_s",
+        "baseline_fsync_msgs_per_s",
+        "produce_vs_baseline",
+    ] {
+        assert!(
+            report[field].as_f64().is_some_and(|v| v > 0.0),
+            "{field}: {report}"
+        );
+    }
+    let latency = &report["latency_ms"];
+    assert!(latency["p50"].as_f64().unwrap() <= latency["p99"].as_f64().unwrap());
+    assert!(latency["p99"].as_f64().unwrap() <= latency["max"].as_f64().unwrap());
+}
+
+#[test]
+fn bench_log_refuses_an_unknown_log_url() {
+    let out = sluice(&[
+        "bench",
+        "log",
+        "--log",
+        "carrier-pigeon://x",
+        "--messages",
+        "10",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("invalid log URL"),
+        "{}",
+        text(&out.stderr)
+    );
+}

@@ -350,28 +350,47 @@ impl Producer for EmbeddedProducer {
             let ts = record.timestamp_ms.unwrap_or(now);
             by_partition.entry(p).or_default().push((i, (record, ts)));
         }
-        let delivered = tokio::task::spawn_blocking(move || {
-            let mut out = vec![
-                Delivered {
-                    partition: 0,
-                    offset: 0
-                };
-                count
-            ];
-            for (p, batch) in by_partition {
-                let (indexes, records): (Vec<usize>, Vec<Stamped>) = batch.into_iter().unzip();
-                let first = t.partitions[p as usize].append(&records)?;
-                for (j, i) in indexes.into_iter().enumerate() {
-                    out[i] = Delivered {
-                        partition: p,
-                        offset: first + j as i64,
-                    };
+        // One blocking task per partition: their fsyncs overlap, and the file system can fold
+        // them into one journal commit.
+        let tasks: Vec<_> = by_partition
+            .into_iter()
+            .map(|(p, batch)| {
+                let partition = t.partitions[p as usize].clone();
+                tokio::task::spawn_blocking(move || {
+                    let (indexes, records): (Vec<usize>, Vec<Stamped>) = batch.into_iter().unzip();
+                    partition.append(&records).map(|first| (p, first, indexes))
+                })
+            })
+            .collect();
+        let mut delivered = vec![
+            Delivered {
+                partition: 0,
+                offset: 0
+            };
+            count
+        ];
+        let mut failure = None;
+        for task in tasks {
+            // Wait for every partition even after a failure: each one's outcome is final.
+            match task.await {
+                Ok(Ok((p, first, indexes))) => {
+                    for (j, i) in indexes.into_iter().enumerate() {
+                        delivered[i] = Delivered {
+                            partition: p,
+                            offset: first + j as i64,
+                        };
+                    }
+                }
+                Ok(Err(e)) => failure = failure.or(Some(e)),
+                Err(e) => {
+                    failure = failure.or(Some(Error::Fatal(format!("produce task failed: {e}"))))
                 }
             }
-            Ok::<_, Error>(out)
-        })
-        .await
-        .map_err(|e| Error::Fatal(format!("produce task failed: {e}")))??;
+        }
+        if let Some(e) = failure {
+            self.log.bump();
+            return Err(e);
+        }
         self.log.bump();
         Ok(delivered)
     }

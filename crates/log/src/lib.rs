@@ -11,6 +11,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub mod bench;
 pub mod embedded;
 pub mod partitioner;
 
