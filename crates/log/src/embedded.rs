@@ -219,6 +219,11 @@ impl EmbeddedLog {
         Ok(deleted)
     }
 
+    /// The offset `group` has committed on a partition (the next it will read), if any.
+    pub fn committed(&self, group: &str, tp: &TopicPartition) -> Result<Option<Offset>> {
+        Ok(self.group(group)?.committed(tp))
+    }
+
     /// The oldest offset kept in a partition.
     pub fn log_start(&self, tp: &TopicPartition) -> Result<Offset> {
         Ok(self.partition(tp)?.log_start())

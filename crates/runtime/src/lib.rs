@@ -1,0 +1,639 @@
+//! The processor runtime: the one loop every processor runs in.
+//!
+//! consume → decode (Confluent wire format) → [`Processor::process`] → produce outputs → store
+//! the input's offset → commit. A processor only turns an event into outputs on named ports or
+//! an error with a domain; everything else is here, written once:
+//!
+//! - *rejected* (bad data, or bytes that do not decode): the raw message goes to the DLQ sink
+//!   with its provenance and the partition moves on;
+//! - *transient* (an outage): retried at once, then after 1 s, 2 s, and backing off up to a cap
+//!   for as long as it takes, with the partitions paused and nothing committed;
+//! - *fatal* (a bug or a misconfiguration): the loop stops with the error.
+//!
+//! An input's offset is stored only after every output it produced was acknowledged by the
+//! log, so a crash at any point means redelivery, never loss. This crate must never commit an
+//! offset past an input whose outputs are not durable, and never drop an input silently.
+
+mod dlq;
+mod metrics;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::Duration;
+
+use sluice_core::Event;
+use sluice_log::{Consumer, Header, Log, Message, Producer, Record, TopicPartition};
+use sluice_schemas::{EventCodec, SchemaSource};
+use tokio_util::sync::CancellationToken;
+
+pub use dlq::{DeadLetter, DlqSink, MemoryDlq};
+pub use metrics::{CountingMetrics, Metrics, NoMetrics};
+
+/// Any error, boxed.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What a processor does with one event.
+pub trait Processor: Send + Sync + 'static {
+    /// The processor's kind, for logs and DLQ entries.
+    const NAME: &'static str;
+
+    /// Turns `event` into zero or more outputs on named ports, or an error with a domain.
+    fn process(
+        &self,
+        event: Event,
+        out: &mut Outputs,
+    ) -> impl Future<Output = Result<(), ProcessError>> + Send;
+}
+
+/// Why an event could not be processed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    /// Bad data: dead-lettered, and the partition moves on. `reason` is a short fixed code
+    /// (a metric label), `detail` the human message.
+    #[error("rejected ({reason}): {detail}")]
+    Rejected {
+        /// Reason code, e.g. `schema`, `range`.
+        reason: &'static str,
+        /// What was wrong.
+        detail: String,
+    },
+    /// An outage: retried with backoff, nothing committed meanwhile.
+    #[error("transient: {0}")]
+    Transient(BoxError),
+    /// A bug or misconfiguration: the processor stops.
+    #[error("fatal: {0}")]
+    Fatal(BoxError),
+}
+
+/// The outputs of one event, by port.
+#[derive(Debug, Default)]
+pub struct Outputs {
+    items: Vec<(String, Event)>,
+}
+
+impl Outputs {
+    /// Emits `event` on `port`.
+    pub fn emit(&mut self, port: &str, event: Event) {
+        self.items.push((port.to_owned(), event));
+    }
+
+    /// What was emitted so far.
+    pub fn events(&self) -> impl Iterator<Item = (&str, &Event)> {
+        self.items.iter().map(|(p, e)| (p.as_str(), e))
+    }
+}
+
+/// How the loop runs.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Instance name (the topology's processor name); also names DLQ entries.
+    pub name: String,
+    /// Consumer group.
+    pub group: String,
+    /// Input topics.
+    pub inputs: Vec<String>,
+    /// Output port → topic.
+    pub ports: BTreeMap<String, String>,
+    /// Most messages handled per poll (the micro-batch).
+    pub max_batch: usize,
+    /// Longest wait for the first message of a batch.
+    pub max_wait: Duration,
+    /// Waits between attempts of a transient failure after the immediate retry; the last one
+    /// repeats, doubling up to `max_backoff`.
+    pub backoff: Vec<Duration>,
+    /// Longest wait between attempts.
+    pub max_backoff: Duration,
+    /// How long shutdown may take to finish in-flight work and commit.
+    pub shutdown_deadline: Duration,
+}
+
+impl RuntimeConfig {
+    /// A configuration with the defaults: batches of 500, 50 ms wait, backoff 1 s, 2 s, … up
+    /// to 30 s, 30 s to shut down.
+    pub fn new(name: &str, inputs: &[&str]) -> Self {
+        Self {
+            name: name.to_owned(),
+            group: name.to_owned(),
+            inputs: inputs.iter().map(|s| (*s).to_owned()).collect(),
+            ports: BTreeMap::new(),
+            max_batch: 500,
+            max_wait: Duration::from_millis(50),
+            backoff: vec![Duration::from_secs(1), Duration::from_secs(2)],
+            max_backoff: Duration::from_secs(30),
+            shutdown_deadline: Duration::from_secs(30),
+        }
+    }
+
+    /// Routes `port` to `topic`.
+    pub fn port(mut self, port: &str, topic: &str) -> Self {
+        self.ports.insert(port.to_owned(), topic.to_owned());
+        self
+    }
+
+    fn delay(&self, retry: u32) -> Duration {
+        // Retry 1 is immediate; then the configured waits; then doubling up to the cap.
+        if retry <= 1 {
+            return Duration::ZERO;
+        }
+        let i = (retry - 2) as usize;
+        match self.backoff.get(i) {
+            Some(d) => *d,
+            None => {
+                let last = self
+                    .backoff
+                    .last()
+                    .copied()
+                    .unwrap_or(Duration::from_secs(1));
+                let extra = (i + 1 - self.backoff.len()).min(16) as u32;
+                last.saturating_mul(2u32.saturating_pow(extra))
+                    .min(self.max_backoff)
+            }
+        }
+    }
+}
+
+/// Why the loop stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The processor said so.
+    #[error("processor {name} stopped on a fatal error: {source}")]
+    Fatal {
+        /// The instance.
+        name: String,
+        /// The error.
+        source: BoxError,
+    },
+    /// The log failed in a way retrying cannot fix.
+    #[error("processor {name}: {source}")]
+    Log {
+        /// The instance.
+        name: String,
+        /// The error.
+        source: sluice_log::Error,
+    },
+    /// A port the processor emitted on is not routed to a topic.
+    #[error("processor {name} emitted on port {port:?}, which the topology does not route")]
+    UnknownPort {
+        /// The instance.
+        name: String,
+        /// The port.
+        port: String,
+    },
+    /// Shutdown did not finish within the deadline; uncommitted work will be redelivered.
+    #[error("processor {0} did not finish shutting down in time")]
+    ShutdownTimeout(String),
+}
+
+/// One message being worked on.
+struct Pending {
+    tp: TopicPartition,
+    next: i64,
+    outputs: Vec<(String, Record)>,
+}
+
+/// Runs `processor` until `shutdown` is cancelled or a fatal error.
+pub async fn run<P, L, S, D, M>(
+    processor: &P,
+    config: &RuntimeConfig,
+    log: &L,
+    codec: &EventCodec<S>,
+    dlq: &D,
+    metrics: &M,
+    shutdown: CancellationToken,
+) -> Result<(), RunError>
+where
+    P: Processor,
+    L: Log,
+    S: SchemaSource,
+    D: DlqSink,
+    M: Metrics,
+{
+    let log_err = |source| RunError::Log {
+        name: config.name.clone(),
+        source,
+    };
+    let inputs: Vec<&str> = config.inputs.iter().map(String::as_str).collect();
+    let mut consumer = log.consumer(&config.group, &inputs).map_err(log_err)?;
+    let producer = log.producer().map_err(log_err)?;
+    let mut runner = Runner {
+        processor,
+        config,
+        codec,
+        dlq,
+        metrics,
+        producer,
+        shutdown: shutdown.clone(),
+    };
+    let result = runner.run(&mut consumer).await;
+    // Whatever happened, commit what is stored and leave the group within the deadline.
+    match tokio::time::timeout(config.shutdown_deadline, consumer.close()).await {
+        Ok(Ok(())) => result,
+        Ok(Err(e)) => result.and(Err(log_err(e))),
+        Err(_) => result.and(Err(RunError::ShutdownTimeout(config.name.clone()))),
+    }
+}
+
+struct Runner<'a, P, S, D, M, Pr> {
+    processor: &'a P,
+    config: &'a RuntimeConfig,
+    codec: &'a EventCodec<S>,
+    dlq: &'a D,
+    metrics: &'a M,
+    producer: Pr,
+    shutdown: CancellationToken,
+}
+
+enum Step {
+    Done(Pending),
+    /// Give up on this message for now (shutdown, or its partition moved away).
+    Abandon,
+}
+
+impl<P, S, D, M, Pr> Runner<'_, P, S, D, M, Pr>
+where
+    P: Processor,
+    S: SchemaSource,
+    D: DlqSink,
+    M: Metrics,
+    Pr: Producer,
+{
+    async fn run<C: Consumer>(&mut self, consumer: &mut C) -> Result<(), RunError> {
+        while !self.shutdown.is_cancelled() {
+            let batch = tokio::select! {
+                polled = consumer.poll(self.config.max_batch, self.config.max_wait) => polled,
+                () = self.shutdown.cancelled() => break,
+            };
+            let batch = match batch {
+                Ok(b) => b,
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(processor = %self.config.name, error = %e, "poll failed; retrying");
+                    self.wait(Duration::from_secs(1)).await;
+                    continue;
+                }
+                Err(e) => return Err(self.log_err(e)),
+            };
+            if batch.is_empty() {
+                continue;
+            }
+            let mut done: Vec<Pending> = Vec::with_capacity(batch.len());
+            let mut abandoned: Vec<TopicPartition> = Vec::new();
+            for msg in batch {
+                if abandoned.contains(&msg.topic_partition()) {
+                    continue;
+                }
+                let started = std::time::Instant::now();
+                match self.handle(consumer, &msg, &mut done).await? {
+                    Step::Done(p) => {
+                        self.metrics.processed(&self.config.name, started.elapsed());
+                        done.push(p);
+                    }
+                    Step::Abandon => {
+                        // Later messages of that partition must not be processed past it.
+                        abandoned.push(msg.topic_partition());
+                        if self.shutdown.is_cancelled() {
+                            break;
+                        }
+                    }
+                }
+            }
+            self.flush(consumer, &mut done).await?;
+        }
+        Ok(())
+    }
+
+    /// Decodes and processes one message, retrying transient failures. Before a retry wait,
+    /// the work done so far in the batch is flushed, so an outage holds back only this message.
+    async fn handle<C: Consumer>(
+        &mut self,
+        consumer: &mut C,
+        msg: &Message,
+        done: &mut Vec<Pending>,
+    ) -> Result<Step, RunError> {
+        let tp = msg.topic_partition();
+        let mut attempt = 1u32;
+        let event = loop {
+            match self.codec.decode(&msg.value).await {
+                Ok(e) => break e,
+                // The registry is unreachable: an outage, not bad data.
+                Err(e @ sluice_schemas::Error::Remote(_)) => {
+                    if !self
+                        .retry_later(consumer, msg, done, attempt, &e.to_string())
+                        .await?
+                    {
+                        return Ok(Step::Abandon);
+                    }
+                    attempt += 1;
+                }
+                Err(e) => {
+                    self.metrics.rejected(&self.config.name, "decode");
+                    self.dead_letter(msg, None, "decode", &e.to_string(), 1)
+                        .await?;
+                    return Ok(Step::Done(Pending {
+                        tp,
+                        next: msg.offset + 1,
+                        outputs: Vec::new(),
+                    }));
+                }
+            }
+        };
+        let mut attempt = 1u32;
+        loop {
+            let mut out = Outputs::default();
+            let outcome = self.processor.process(event.clone(), &mut out).await;
+            match outcome {
+                Ok(()) => match self.encode(&out).await {
+                    Ok(outputs) => {
+                        return Ok(Step::Done(Pending {
+                            tp,
+                            next: msg.offset + 1,
+                            outputs,
+                        }));
+                    }
+                    Err(EncodeError::Port(port)) => {
+                        return Err(RunError::UnknownPort {
+                            name: self.config.name.clone(),
+                            port,
+                        });
+                    }
+                    Err(EncodeError::Transient(detail)) => {
+                        if !self
+                            .retry_later(consumer, msg, done, attempt, &detail)
+                            .await?
+                        {
+                            return Ok(Step::Abandon);
+                        }
+                    }
+                    Err(EncodeError::Invalid(detail)) => {
+                        // The processor made an output its schema refuses: deterministic, so
+                        // isolate the input rather than stop the partition.
+                        self.dead_letter(msg, Some(&event), "output_schema", &detail, attempt)
+                            .await?;
+                        return Ok(Step::Done(Pending {
+                            tp,
+                            next: msg.offset + 1,
+                            outputs: Vec::new(),
+                        }));
+                    }
+                },
+                Err(ProcessError::Rejected { reason, detail }) => {
+                    self.metrics.rejected(&self.config.name, reason);
+                    self.dead_letter(msg, Some(&event), reason, &detail, attempt)
+                        .await?;
+                    return Ok(Step::Done(Pending {
+                        tp,
+                        next: msg.offset + 1,
+                        outputs: Vec::new(),
+                    }));
+                }
+                Err(ProcessError::Transient(e)) => {
+                    if !self
+                        .retry_later(consumer, msg, done, attempt, &e.to_string())
+                        .await?
+                    {
+                        return Ok(Step::Abandon);
+                    }
+                }
+                Err(ProcessError::Fatal(source)) => {
+                    // Keep what finished before the bug.
+                    self.flush(consumer, done).await?;
+                    return Err(RunError::Fatal {
+                        name: self.config.name.clone(),
+                        source,
+                    });
+                }
+            }
+            attempt += 1;
+        }
+    }
+
+    /// Waits before retry `attempt + 1` of `msg`: flushes finished work, pauses the consumer's
+    /// partitions and keeps polling so the group membership stays alive. Returns false when
+    /// the message must be abandoned (shutdown, or its partition was taken away).
+    async fn retry_later<C: Consumer>(
+        &mut self,
+        consumer: &mut C,
+        msg: &Message,
+        done: &mut Vec<Pending>,
+        attempt: u32,
+        detail: &str,
+    ) -> Result<bool, RunError> {
+        self.metrics.retried(&self.config.name);
+        let delay = self.config.delay(attempt);
+        tracing::warn!(processor = %self.config.name, topic = %msg.topic, partition = msg.partition, offset = msg.offset, attempt, retry_in = ?delay, error = %detail, "transient failure; not committing");
+        self.flush(consumer, done).await?;
+        if delay.is_zero() {
+            return Ok(!self.shutdown.is_cancelled());
+        }
+        let assigned = consumer.assignment();
+        consumer.pause(&assigned).map_err(|e| self.log_err(e))?;
+        let until = tokio::time::Instant::now() + delay;
+        let mut still_owned = true;
+        while tokio::time::Instant::now() < until && !self.shutdown.is_cancelled() {
+            let left = until - tokio::time::Instant::now();
+            tokio::select! {
+                polled = consumer.poll(1, left) => {
+                    // Paused: nothing comes back but rebalances.
+                    if let Err(e) = polled && !e.is_transient() {
+                        return Err(self.log_err(e));
+                    }
+                }
+                () = self.shutdown.cancelled() => {}
+            }
+            if !consumer.assignment().contains(&msg.topic_partition()) {
+                still_owned = false;
+                break;
+            }
+        }
+        let now_assigned = consumer.assignment();
+        consumer
+            .resume(&now_assigned)
+            .map_err(|e| self.log_err(e))?;
+        Ok(still_owned && !self.shutdown.is_cancelled())
+    }
+
+    async fn encode(&self, out: &Outputs) -> Result<Vec<(String, Record)>, EncodeError> {
+        let mut records = Vec::with_capacity(out.items.len());
+        for (port, event) in &out.items {
+            let topic = self
+                .config
+                .ports
+                .get(port)
+                .ok_or_else(|| EncodeError::Port(port.clone()))?;
+            let (value, _) = self.codec.encode(event).await.map_err(|e| match e {
+                sluice_schemas::Error::Remote(_) => EncodeError::Transient(e.to_string()),
+                other => EncodeError::Invalid(other.to_string()),
+            })?;
+            let mut headers = vec![Header {
+                key: "event_type".into(),
+                value: event.event_type.as_str().as_bytes().to_vec(),
+            }];
+            if let Some(trace) = &event.metadata.trace {
+                headers.push(Header {
+                    key: "traceparent".into(),
+                    value: trace.traceparent.as_bytes().to_vec(),
+                });
+            }
+            records.push((
+                topic.clone(),
+                Record {
+                    key: Some(event.aggregate_id.as_bytes().to_vec()),
+                    value,
+                    headers,
+                    timestamp_ms: Some(event.occurred_at.timestamp_millis()),
+                },
+            ));
+        }
+        Ok(records)
+    }
+
+    /// Produces the outputs of finished messages (waiting for every acknowledgement), then
+    /// stores their offsets and commits. Produce and commit failures are retried until they
+    /// succeed or shutdown; nothing is stored before its outputs are durable.
+    async fn flush<C: Consumer>(
+        &mut self,
+        consumer: &mut C,
+        done: &mut Vec<Pending>,
+    ) -> Result<(), RunError> {
+        if done.is_empty() {
+            return Ok(());
+        }
+        let mut by_topic: BTreeMap<String, Vec<Record>> = BTreeMap::new();
+        for p in done.iter_mut() {
+            for (topic, record) in p.outputs.drain(..) {
+                by_topic.entry(topic).or_default().push(record);
+            }
+        }
+        for (topic, records) in by_topic {
+            let mut attempt = 1;
+            loop {
+                match self.producer.send(&topic, records.clone()).await {
+                    Ok(_) => break,
+                    Err(e) if e.is_transient() && !self.shutdown.is_cancelled() => {
+                        self.metrics.retried(&self.config.name);
+                        let delay = self.config.delay(attempt + 1);
+                        tracing::warn!(processor = %self.config.name, %topic, error = %e, retry_in = ?delay, "produce failed; retrying");
+                        self.wait(delay).await;
+                        attempt += 1;
+                    }
+                    // Shutting down or not retryable: nothing is stored, so all of it comes back.
+                    Err(e) => {
+                        done.clear();
+                        return Err(self.log_err(e));
+                    }
+                }
+            }
+        }
+        for p in done.drain(..) {
+            // The partition may have moved during a wait; its new owner redoes the work.
+            if consumer.assignment().contains(&p.tp) {
+                consumer.store(&p.tp, p.next).map_err(|e| self.log_err(e))?;
+            }
+        }
+        let mut attempt = 1;
+        loop {
+            match consumer.commit().await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_transient() && !self.shutdown.is_cancelled() => {
+                    let delay = self.config.delay(attempt + 1);
+                    tracing::warn!(processor = %self.config.name, error = %e, retry_in = ?delay, "commit failed; retrying");
+                    self.wait(delay).await;
+                    attempt += 1;
+                }
+                Err(e) => return Err(self.log_err(e)),
+            }
+        }
+    }
+
+    async fn dead_letter(
+        &self,
+        msg: &Message,
+        event: Option<&Event>,
+        class: &'static str,
+        detail: &str,
+        attempts: u32,
+    ) -> Result<(), RunError> {
+        let letter = DeadLetter {
+            processor: self.config.name.clone(),
+            event_id: event.map(|e| e.event_id),
+            topic: msg.topic.clone(),
+            partition: msg.partition,
+            offset: msg.offset,
+            schema_id: sluice_schemas::wire::unframe(&msg.value)
+                .ok()
+                .map(|(id, _)| id),
+            raw: msg.value.clone(),
+            error_class: class,
+            error_message: detail.to_owned(),
+            attempts,
+            failed_at: chrono::Utc::now(),
+        };
+        tracing::warn!(processor = %self.config.name, topic = %msg.topic, partition = msg.partition, offset = msg.offset, class, error = %detail, "dead-lettered");
+        // The DLQ is storage like any other: if it is down, the message waits, it is not lost.
+        let mut attempt = 1;
+        loop {
+            match self.dlq.put(letter.clone()).await {
+                Ok(()) => {
+                    self.metrics.dead_lettered(&self.config.name, class);
+                    return Ok(());
+                }
+                Err(e) if !self.shutdown.is_cancelled() => {
+                    let delay = self.config.delay(attempt + 1);
+                    tracing::warn!(processor = %self.config.name, error = %e, retry_in = ?delay, "DLQ write failed; retrying");
+                    self.wait(delay).await;
+                    attempt += 1;
+                }
+                Err(e) => {
+                    return Err(RunError::Fatal {
+                        name: self.config.name.clone(),
+                        source: e,
+                    });
+                }
+            }
+        }
+    }
+
+    async fn wait(&self, delay: Duration) {
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = self.shutdown.cancelled() => {}
+        }
+    }
+
+    fn log_err(&self, source: sluice_log::Error) -> RunError {
+        RunError::Log {
+            name: self.config.name.clone(),
+            source,
+        }
+    }
+}
+
+enum EncodeError {
+    Port(String),
+    Transient(String),
+    Invalid(String),
+}
+
+/// Cancels `token` on SIGINT or SIGTERM.
+pub fn cancel_on_signals(token: CancellationToken) {
+    tokio::spawn(async move {
+        let interrupt = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            if let Ok(mut term) = signal(SignalKind::terminate()) {
+                tokio::select! {
+                    _ = interrupt => {}
+                    _ = term.recv() => {}
+                }
+            } else {
+                let _ = interrupt.await;
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = interrupt.await;
+        }
+        tracing::info!("shutdown requested");
+        token.cancel();
+    });
+}
