@@ -589,8 +589,12 @@ impl Consumer for EmbeddedConsumer {
 
 impl Drop for EmbeddedConsumer {
     fn drop(&mut self) {
-        // Dropped without close: like a crash, nothing more is committed.
+        // Dropped without close: commit what was stored (it was processed), as the Kafka
+        // consumer does, then leave; whatever was taken but not stored is read again.
         if !self.left {
+            if let Err(e) = self.group.commit(self.member, &self.stored_offsets()) {
+                tracing::warn!(error = %e, "commit on drop failed; stored offsets will be re-read");
+            }
             self.group.leave(self.member);
             self.log.bump();
         }

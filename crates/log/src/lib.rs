@@ -13,9 +13,11 @@ use std::time::Duration;
 
 pub mod bench;
 pub mod embedded;
+pub mod kafka;
 pub mod partitioner;
 
 pub use embedded::{EmbeddedLog, EmbeddedOptions};
+pub use kafka::KafkaLog;
 pub use partitioner::{murmur2, partition_for};
 
 /// A partition number.
