@@ -233,6 +233,20 @@ fn bench_log(args: &BenchLogArgs) -> Result<ExitCode> {
         if let Some(dir) = args.log.strip_prefix("embedded://") {
             let log = sluice_log::EmbeddedLog::from_url(&args.log)?;
             bench::run(&log, &opts, Some(Path::new(dir)), progress).await
+        } else if args.log == "kafka-mock://" {
+            // An in-process mock cluster (a real Kafka-protocol broker) for this run only; it
+            // has no CreateTopics, so the bench topic is made on the cluster directly.
+            let cluster = sluice_log::kafka::mock_cluster(1)?;
+            let log = sluice_log::KafkaLog::new(&cluster.bootstrap_servers());
+            bench::run_on_topic(&log, &opts, None, progress, |topic, partitions| {
+                cluster
+                    .create_topic(topic, partitions as i32, 1)
+                    .map_err(|e| sluice_log::Error::Fatal(format!("mock cluster: {e}")))
+            })
+            .await
+        } else if args.log.starts_with("kafka://") {
+            let log = sluice_log::KafkaLog::from_url(&args.log)?;
+            bench::run(&log, &opts, None, progress).await
         } else {
             Err(sluice_log::Error::InvalidUrl {
                 url: args.log.clone(),

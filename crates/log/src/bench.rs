@@ -74,32 +74,67 @@ pub struct Latency {
     pub max: f64,
 }
 
-/// Runs the bench on `log`. `baseline_dir`, if given, is where the raw fsync baseline writes
-/// its scratch file (the same disk as the log, for a fair ratio). `progress` is called with the
-/// number of messages consumed so far, about every tenth of the run.
+/// Runs the bench on `log`, creating its topic through the log. `baseline_dir`, if given, is
+/// where the raw fsync baseline writes its scratch file (the same disk as the log, for a fair
+/// ratio). `progress` is called with the number of messages consumed so far, about every tenth
+/// of the run.
 pub async fn run<L: Log>(
     log: &L,
     opts: &BenchOptions,
     baseline_dir: Option<&Path>,
     progress: impl Fn(u64) + Send,
 ) -> Result<BenchReport> {
+    check(opts)?;
+    let topic = bench_topic();
+    log.create_topic(&TopicSpec::new(&topic, opts.partitions))
+        .await?;
+    run_prepared(log, &topic, opts, baseline_dir, progress).await
+}
+
+/// As [`run`], with the topic created by `create(name, partitions)` (for brokers whose admin
+/// API the log cannot use, like librdkafka's mock cluster).
+pub async fn run_on_topic<L: Log>(
+    log: &L,
+    opts: &BenchOptions,
+    baseline_dir: Option<&Path>,
+    progress: impl Fn(u64) + Send,
+    create: impl FnOnce(&str, u32) -> Result<()>,
+) -> Result<BenchReport> {
+    check(opts)?;
+    let topic = bench_topic();
+    create(&topic, opts.partitions)?;
+    run_prepared(log, &topic, opts, baseline_dir, progress).await
+}
+
+fn check(opts: &BenchOptions) -> Result<()> {
     if opts.size < 8 || opts.messages == 0 || opts.batch == 0 {
         return Err(Error::Fatal(
             "the bench needs --size >= 8, --messages >= 1 and --batch >= 1".into(),
         ));
     }
+    Ok(())
+}
+
+fn bench_topic() -> String {
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
-    let topic = format!("bench-{stamp}");
-    log.create_topic(&TopicSpec::new(&topic, opts.partitions))
-        .await?;
-    let mut consumer = log.consumer(&format!("{topic}-group"), &[topic.as_str()])?;
+    format!("bench-{stamp}")
+}
+
+async fn run_prepared<L: Log>(
+    log: &L,
+    topic: &str,
+    opts: &BenchOptions,
+    baseline_dir: Option<&Path>,
+    progress: impl Fn(u64) + Send,
+) -> Result<BenchReport> {
+    let mut consumer = log.consumer(&format!("{topic}-group"), &[topic])?;
     let producer = log.producer()?;
     let start = Instant::now();
 
     let produce = {
-        let topic = topic.clone();
+        let topic = topic.to_owned();
         let opts = opts.clone();
         async move {
             let mut sent = 0u64;

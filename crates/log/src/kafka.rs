@@ -37,6 +37,16 @@ use crate::{
     Result, SeekTo, TopicPartition, TopicSpec,
 };
 
+/// librdkafka's in-process mock cluster: a real Kafka-protocol broker, for tests and
+/// `sluice bench log --log kafka-mock://`.
+pub type MockCluster =
+    rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>;
+
+/// Starts a mock cluster of `brokers` brokers.
+pub fn mock_cluster(brokers: i32) -> Result<MockCluster> {
+    MockCluster::new(brokers).map_err(|e| Error::Fatal(format!("mock cluster: {e}")))
+}
+
 /// How long blocking librdkafka calls (metadata, commit, seek, lag, close) may take by default.
 const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long to wait before enqueuing again when librdkafka's producer queue is full.
