@@ -4,7 +4,7 @@ use std::fs;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn repo() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
@@ -156,7 +156,7 @@ fn schemas_check_fails_on_a_field_added_without_default() {
     assert!(stdout.contains("payload.site"), "{stdout}");
 }
 
-/// A running `sluice registry serve`, stopped with SIGTERM on drop.
+/// A running `sluice registry serve`, stopped with SIGTERM by `terminate`.
 struct Served {
     child: std::process::Child,
     url: String,
@@ -192,7 +192,7 @@ impl Served {
         Self { child, url }
     }
 
-    fn terminate(mut self) -> std::process::ExitStatus {
+    fn terminate(self) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
         assert!(
             Command::new("kill")
@@ -201,17 +201,15 @@ impl Served {
                 .unwrap()
                 .success()
         );
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "registry did not stop on SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        // Wait for the exit itself, on a thread, with a deadline.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut child = self.child;
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait());
+        });
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("registry did not stop on SIGTERM")
+            .unwrap()
     }
 }
 
