@@ -183,36 +183,16 @@ fn registry_serve(
         // The address goes to stdout so scripts (and tests) can pick up an ephemeral port.
         println!("registry listening on http://{local}");
         tracing::info!(%local, data = %dir.display(), "registry serving");
-        sluice_schemas::http::serve(Arc::new(registry), listener, shutdown_signal())
-            .await
-            .context("registry server failed")?;
+        sluice_schemas::http::serve(
+            Arc::new(registry),
+            listener,
+            sluice_runtime::shutdown_signal(),
+        )
+        .await
+        .context("registry server failed")?;
         tracing::info!("registry stopped");
         Ok(ExitCode::SUCCESS)
     })
-}
-
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = interrupt => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = interrupt.await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = interrupt.await;
-    }
 }
 
 fn bench_log(args: &BenchLogArgs) -> Result<ExitCode> {
