@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::fsutil::io;
 use crate::{Consumer, Error, Log, Producer, Record, Result, TopicSpec};
 
 /// What to run.
@@ -228,22 +229,18 @@ async fn run_prepared<L: Log>(
 /// The disk's rate for the bench's bytes: one file, one write and one fdatasync per batch.
 fn fsync_baseline(dir: &Path, opts: &BenchOptions) -> Result<f64> {
     let path = dir.join(format!("bench-baseline-{}.bin", std::process::id()));
-    let io = |source| Error::Io {
-        path: path.clone(),
-        source,
-    };
-    let mut file = File::create(&path).map_err(io)?;
+    let mut file = File::create(&path).map_err(io(&path))?;
     let chunk = vec![b'x'; opts.size * opts.batch];
     let start = Instant::now();
     let mut written = 0u64;
     while written < opts.messages {
         let n = (opts.messages - written).min(opts.batch as u64) as usize;
-        file.write_all(&chunk[..n * opts.size]).map_err(io)?;
-        file.sync_data().map_err(io)?;
+        file.write_all(&chunk[..n * opts.size]).map_err(io(&path))?;
+        file.sync_data().map_err(io(&path))?;
         written += n as u64;
     }
     let rate = opts.messages as f64 / start.elapsed().as_secs_f64();
     drop(file);
-    std::fs::remove_file(&path).map_err(io)?;
+    std::fs::remove_file(&path).map_err(io(&path))?;
     Ok(rate)
 }

@@ -11,7 +11,6 @@ mod partition;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
@@ -21,7 +20,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use self::group::{Group, MemberId, group_file};
-use self::partition::{PartitionLog, Stamped, io, sync_dir};
+use self::partition::{PartitionLog, Stamped};
+use crate::fsutil::{io, sync_dir, write_atomically};
 use crate::{
     Consumer, Delivered, Error, Log, Message, Offset, PartitionLag, Producer, Record, Result,
     SeekTo, TopicPartition, TopicSpec, partition_for,
@@ -284,14 +284,9 @@ impl Log for EmbeddedLog {
             retention_ms: spec.retention.map(|r| r.as_millis() as u64),
             retention_bytes: spec.retention_bytes,
         };
-        let path = dir.join("topic.json");
-        let tmp = dir.join("topic.json.tmp");
-        let mut f = File::create(&tmp).map_err(io(&tmp))?;
-        f.write_all(&serde_json::to_vec(&meta).unwrap_or_default())
-            .and_then(|_| f.sync_all())
-            .map_err(io(&tmp))?;
-        fs::rename(&tmp, &path).map_err(io(&path))?;
-        sync_dir(&dir)?;
+        let bytes = serde_json::to_vec(&meta)
+            .map_err(|e| Error::Fatal(format!("cannot encode topic metadata: {e}")))?;
+        write_atomically(&dir.join("topic.json"), &bytes)?;
         sync_dir(&self.inner.dir.join("topics"))?;
         topics.insert(spec.name.clone(), Arc::new(topic));
         Ok(())

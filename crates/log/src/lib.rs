@@ -13,6 +13,7 @@ use std::time::Duration;
 
 pub mod bench;
 pub mod embedded;
+mod fsutil;
 pub mod kafka;
 pub mod partitioner;
 

@@ -7,14 +7,13 @@
 //! whoever takes its partitions.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::{self, File};
-use std::io::Write;
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
-use super::partition::{io, sync_dir};
+use crate::fsutil::{io, write_atomically};
 use crate::{Error, Offset, Partition, Result, TopicPartition};
 
 /// A member's id within its group.
@@ -211,7 +210,7 @@ impl Group {
         self.lock().committed.get(tp).copied()
     }
 
-    /// Writes the offsets to a temporary file, fsyncs it and renames it over the old one.
+    /// Replaces the offsets file atomically.
     fn persist(&self, offsets: &BTreeMap<TopicPartition, Offset>) -> Result<()> {
         let body = OffsetsFile {
             offsets: offsets
@@ -225,15 +224,7 @@ impl Group {
         };
         let bytes = serde_json::to_vec(&body)
             .map_err(|e| Error::Fatal(format!("cannot encode group offsets: {e}")))?;
-        let tmp = self.file.with_extension("json.tmp");
-        let mut f = File::create(&tmp).map_err(io(&tmp))?;
-        f.write_all(&bytes).map_err(io(&tmp))?;
-        f.sync_data().map_err(io(&tmp))?;
-        fs::rename(&tmp, &self.file).map_err(io(&self.file))?;
-        if let Some(dir) = self.file.parent() {
-            sync_dir(dir)?;
-        }
-        Ok(())
+        write_atomically(&self.file, &bytes)
     }
 }
 

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, Ordering};
 
+use crate::fsutil::{io, sync_dir};
 use crate::{Error, Header, Message, Offset, Partition, Record, Result};
 
 /// Largest frame accepted: bounds memory when reading a corrupt length.
@@ -22,18 +23,6 @@ pub(crate) const MAX_FRAME: usize = 64 * 1024 * 1024;
 const READ_CHUNK: usize = 256 * 1024;
 /// A sparse index entry every this many bytes of a segment.
 const INDEX_EVERY: u64 = 64 * 1024;
-
-pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io {
-        path: path.to_owned(),
-        source,
-    }
-}
-
-/// Fsyncs a folder so that files created or removed in it stay so after a crash.
-pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
-}
 
 #[derive(Debug, Clone)]
 pub(crate) struct Segment {
