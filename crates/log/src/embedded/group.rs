@@ -3,8 +3,8 @@
 //! Every member of a group lives in this process, so the coordinator is a mutex. A partition
 //! moves between members only when its old owner lets go of it: the owner commits its stored
 //! offsets for it on its next poll, then the new owner claims it at the committed offset. A
-//! member dropped without `close` is treated as crashed: its uncommitted work is read again by
-//! whoever takes its partitions.
+//! member that leaves (closed or dropped) commits what it stored first; whatever it took but
+//! did not store is read again by whoever takes its partitions.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
