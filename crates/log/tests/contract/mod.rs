@@ -269,7 +269,14 @@ pub async fn group_members_split_partitions_and_take_over<L: Log, T: Topics>(
     b.close().await.unwrap();
 }
 
-pub async fn seek_to_offsets<L: Log, T: Topics>(log: &L, topics: &T, topic: &str, group: &str) {
+/// A one-partition topic holding ten messages stamped 1 s … 10 s, and a consumer that has
+/// read them all.
+async fn ten_read_messages<L: Log, T: Topics>(
+    log: &L,
+    topics: &T,
+    topic: &str,
+    group: &str,
+) -> (L::Producer, L::Consumer, TopicPartition) {
     topics.create(topic, 1).await;
     let producer = log.producer().unwrap();
     let records = (1..=10)
@@ -278,7 +285,11 @@ pub async fn seek_to_offsets<L: Log, T: Topics>(log: &L, topics: &T, topic: &str
     producer.send(topic, records).await.unwrap();
     let mut c = log.consumer(group, &[topic]).unwrap();
     poll_n(&mut c, 10).await;
-    let tp = TopicPartition::new(topic, 0);
+    (producer, c, TopicPartition::new(topic, 0))
+}
+
+pub async fn seek_to_offsets<L: Log, T: Topics>(log: &L, topics: &T, topic: &str, group: &str) {
+    let (producer, mut c, tp) = ten_read_messages(log, topics, topic, group).await;
     c.seek(&tp, SeekTo::Beginning).await.unwrap();
     assert_eq!(poll_n(&mut c, 1).await[0].offset, 0);
     c.seek(&tp, SeekTo::Offset(8)).await.unwrap();
@@ -294,15 +305,7 @@ pub async fn seek_to_offsets<L: Log, T: Topics>(log: &L, topics: &T, topic: &str
 
 /// Not run on librdkafka's mock cluster: it answers every offsets-for-times request with -1.
 pub async fn seek_by_timestamp<L: Log, T: Topics>(log: &L, topics: &T, topic: &str, group: &str) {
-    topics.create(topic, 1).await;
-    let producer = log.producer().unwrap();
-    let records = (1..=10)
-        .map(|i| record("k", &format!("v{i}"), i * 1_000))
-        .collect();
-    producer.send(topic, records).await.unwrap();
-    let mut c = log.consumer(group, &[topic]).unwrap();
-    poll_n(&mut c, 10).await;
-    let tp = TopicPartition::new(topic, 0);
+    let (_producer, mut c, tp) = ten_read_messages(log, topics, topic, group).await;
     c.seek(&tp, SeekTo::Timestamp(4_500)).await.unwrap();
     let after = poll_n(&mut c, 6).await;
     assert_eq!(after[0].timestamp_ms, 5_000);
