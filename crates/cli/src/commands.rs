@@ -217,7 +217,7 @@ fn bench_log(args: &BenchLogArgs) -> Result<ExitCode> {
             // An in-process mock cluster (a real Kafka-protocol broker) for this run only; it
             // has no CreateTopics, so the bench topic is made on the cluster directly.
             let cluster = sluice_log::kafka::mock_cluster(1)?;
-            let log = sluice_log::KafkaLog::new(&cluster.bootstrap_servers());
+            let log = sluice_log::KafkaLog::on_mock(&cluster);
             bench::run_on_topic(&log, &opts, None, progress, |topic, partitions| {
                 cluster
                     .create_topic(topic, partitions as i32, 1)

@@ -3,6 +3,7 @@
 //! a baseline measured in the same run: the disk's own rate for the same bytes written and
 //! fsynced in the same batches.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
 use std::path::Path;
@@ -132,11 +133,15 @@ async fn run_prepared<L: Log>(
 ) -> Result<BenchReport> {
     let mut consumer = log.consumer(&format!("{topic}-group"), &[topic])?;
     let producer = log.producer()?;
+    warm_up(&mut consumer, &producer, topic, opts.partitions).await?;
     let start = Instant::now();
 
     let produce = {
         let topic = topic.to_owned();
         let opts = opts.clone();
+        // Borrowed, not moved: dropping a Kafka producer blocks while librdkafka shuts down,
+        // which would stall the consumer sharing this task.
+        let producer = &producer;
         async move {
             let mut sent = 0u64;
             while sent < opts.messages {
@@ -236,6 +241,57 @@ async fn run_prepared<L: Log>(
             .filter(|_| opts.rate.is_none())
             .map(|b| produce_msgs_per_s / b),
     })
+}
+
+/// Waits until the consumer owns every partition of the (still empty) bench topic, then
+/// sends one record through, so the figures measure the pipeline rather than the group join
+/// and the producer's first connection (seconds on Kafka).
+async fn warm_up<C: Consumer, P: Producer>(
+    consumer: &mut C,
+    producer: &P,
+    topic: &str,
+    partitions: u32,
+) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let stuck = |what: &str| Error::Fatal(format!("the bench warm-up timed out: {what}"));
+    while consumer.assignment().len() < partitions as usize {
+        if Instant::now() > deadline {
+            return Err(stuck("the consumer did not get its partitions within a minute"));
+        }
+        if !consumer.poll(1, Duration::from_millis(100)).await?.is_empty() {
+            return Err(Error::Fatal(format!("bench topic {topic:?} is not empty")));
+        }
+    }
+    // One record per partition: the producer's first write to a partition is slow too.
+    let mut keys = BTreeMap::new();
+    for i in 0.. {
+        let key = format!("warm-up-{i}").into_bytes();
+        keys.entry(crate::partition_for(&key, partitions))
+            .or_insert(key);
+        if keys.len() == partitions as usize {
+            break;
+        }
+    }
+    let records = keys
+        .into_values()
+        .map(|key| Record {
+            key: Some(key),
+            value: vec![0; 8],
+            ..Record::default()
+        })
+        .collect();
+    producer.send(topic, records).await?;
+    let mut received = 0;
+    while received < partitions {
+        if Instant::now() > deadline {
+            return Err(stuck("the warm-up records did not come back within a minute"));
+        }
+        for m in consumer.poll(partitions as usize, Duration::from_millis(100)).await? {
+            consumer.store(&m.topic_partition(), m.offset + 1)?;
+            received += 1;
+        }
+    }
+    consumer.commit().await
 }
 
 /// The disk's rate for the bench's bytes: one file, one write and one fdatasync per batch.

@@ -150,6 +150,13 @@ impl KafkaLog {
         }
     }
 
+    /// A log on librdkafka's mock cluster. The mock answers a fetch that finds no data only
+    /// after the consumer's whole `fetch.wait.max.ms` (a real broker answers as soon as data
+    /// arrives), so the wait is shortened here or every message would wait up to 500 ms.
+    pub fn on_mock(cluster: &MockCluster) -> KafkaLog {
+        KafkaLog::new(&cluster.bootstrap_servers()).with_option("fetch.wait.max.ms", "5")
+    }
+
     /// Sets a librdkafka property on every client this log creates (e.g. security settings,
     /// `message.timeout.ms`, `session.timeout.ms`). Settings the guarantees rest on (`acks`,
     /// idempotence, the partitioner, manual offset commits) cannot be overridden.

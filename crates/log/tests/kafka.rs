@@ -48,7 +48,7 @@ fn cluster() -> Cluster {
 
 /// A log on the mock cluster with timeouts short enough for tests.
 fn log_on(cluster: &Cluster) -> KafkaLog {
-    KafkaLog::new(&cluster.bootstrap_servers())
+    KafkaLog::on_mock(cluster)
         .with_option("session.timeout.ms", "6000")
         .with_option("heartbeat.interval.ms", "500")
         .with_option("topic.metadata.refresh.interval.ms", "1000")
