@@ -256,9 +256,15 @@ async fn warm_up<C: Consumer, P: Producer>(
     let stuck = |what: &str| Error::Fatal(format!("the bench warm-up timed out: {what}"));
     while consumer.assignment().len() < partitions as usize {
         if Instant::now() > deadline {
-            return Err(stuck("the consumer did not get its partitions within a minute"));
+            return Err(stuck(
+                "the consumer did not get its partitions within a minute",
+            ));
         }
-        if !consumer.poll(1, Duration::from_millis(100)).await?.is_empty() {
+        if !consumer
+            .poll(1, Duration::from_millis(100))
+            .await?
+            .is_empty()
+        {
             return Err(Error::Fatal(format!("bench topic {topic:?} is not empty")));
         }
     }
@@ -284,9 +290,14 @@ async fn warm_up<C: Consumer, P: Producer>(
     let mut received = 0;
     while received < partitions {
         if Instant::now() > deadline {
-            return Err(stuck("the warm-up records did not come back within a minute"));
+            return Err(stuck(
+                "the warm-up records did not come back within a minute",
+            ));
         }
-        for m in consumer.poll(partitions as usize, Duration::from_millis(100)).await? {
+        for m in consumer
+            .poll(partitions as usize, Duration::from_millis(100))
+            .await?
+        {
             consumer.store(&m.topic_partition(), m.offset + 1)?;
             received += 1;
         }

@@ -850,13 +850,23 @@ type PolledBatch = (u64, Vec<Message>);
 fn poll_batch(consumer: &GroupConsumer, max: usize, timeout: Duration) -> Result<PolledBatch> {
     let deadline = Instant::now() + timeout.min(MAX_POLL_WAIT);
     let mut batch = Vec::new();
+    let mut generation = consumer.context().offsets().generation;
     while batch.len() < max {
         let wait = if batch.is_empty() {
             deadline.saturating_duration_since(Instant::now())
         } else {
             Duration::ZERO
         };
-        match consumer.poll(wait) {
+        let polled = consumer.poll(wait);
+        let now = consumer.context().offsets().generation;
+        if now != generation {
+            // A rebalance was served inside this poll: partitions kept or given back are read
+            // again from their committed offset, so what was fetched before would be delivered
+            // twice (or by two members).
+            batch.clear();
+            generation = now;
+        }
+        match polled {
             Some(Ok(message)) => batch.push(owned_message(&message)),
             Some(Err(KafkaError::PartitionEOF(_))) => {}
             Some(Err(e @ KafkaError::MessageConsumptionFatal(_))) => {
@@ -878,7 +888,7 @@ fn poll_batch(consumer: &GroupConsumer, max: usize, timeout: Duration) -> Result
             }
         }
     }
-    Ok((consumer.context().offsets().generation, batch))
+    Ok((generation, batch))
 }
 
 fn owned_message(message: &BorrowedMessage<'_>) -> Message {

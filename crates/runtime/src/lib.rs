@@ -223,11 +223,17 @@ where
         metrics,
         producer,
         shutdown: shutdown.clone(),
+        commit_pending: false,
     };
     let result = runner.run(&mut consumer).await;
     // Whatever happened, commit what is stored and leave the group within the deadline.
     match tokio::time::timeout(config.shutdown_deadline, consumer.close()).await {
         Ok(Ok(())) => result,
+        // E.g. a commit refused mid-rebalance: those inputs are read again, nothing is lost.
+        Ok(Err(e)) if e.is_transient() => {
+            tracing::warn!(processor = %config.name, error = %e, "offsets not committed on the way out; the inputs since the last commit will be processed again");
+            result
+        }
         Ok(Err(e)) => result.and(Err(log_err(e))),
         Err(_) => result.and(Err(RunError::ShutdownTimeout(config.name.clone()))),
     }
@@ -241,6 +247,8 @@ struct Runner<'a, P, S, D, M, Pr> {
     metrics: &'a M,
     producer: Pr,
     shutdown: CancellationToken,
+    /// A commit failed transiently and is retried when the loop is idle.
+    commit_pending: bool,
 }
 
 enum Step {
@@ -273,6 +281,9 @@ where
                 Err(e) => return Err(self.log_err(e)),
             };
             if batch.is_empty() {
+                if self.commit_pending {
+                    self.commit(consumer).await?;
+                }
                 continue;
             }
             let mut done: Vec<Pending> = Vec::with_capacity(batch.len());
@@ -529,18 +540,26 @@ where
                 consumer.store(&p.tp, p.next).map_err(|e| self.log_err(e))?;
             }
         }
-        let mut attempt = 1;
-        loop {
-            match consumer.commit().await {
-                Ok(()) => return Ok(()),
-                Err(e) if e.is_transient() && !self.shutdown.is_cancelled() => {
-                    let delay = self.config.delay(attempt + 1);
-                    tracing::warn!(processor = %self.config.name, error = %e, retry_in = ?delay, "commit failed; retrying");
-                    self.wait(delay).await;
-                    attempt += 1;
-                }
-                Err(e) => return Err(self.log_err(e)),
+        self.commit(consumer).await
+    }
+
+    /// Commits what is stored. A transient failure does not hold the loop: the offsets stay
+    /// stored and go out with the next commit, the next revoke, or on close, and the loop must
+    /// keep polling because a commit refused during a rebalance only succeeds once that poll
+    /// has served the rebalance. A crash meanwhile redelivers those inputs; nothing is lost.
+    async fn commit<C: Consumer>(&mut self, consumer: &mut C) -> Result<(), RunError> {
+        match consumer.commit().await {
+            Ok(()) => {
+                self.commit_pending = false;
+                Ok(())
             }
+            Err(e) if e.is_transient() => {
+                self.metrics.retried(&self.config.name);
+                tracing::warn!(processor = %self.config.name, error = %e, "commit failed; offsets stay stored and are committed again shortly");
+                self.commit_pending = true;
+                Ok(())
+            }
+            Err(e) => Err(self.log_err(e)),
         }
     }
 

@@ -4,13 +4,15 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde_json::json;
 use sluice_core::{Event, EventType, Source};
+use sluice_log::kafka::MockCluster;
 use sluice_log::{
-    Consumer, EmbeddedLog, EmbeddedOptions, Log, Producer, Record, TopicPartition, TopicSpec,
+    Consumer, EmbeddedLog, EmbeddedOptions, KafkaLog, Log, Producer, Record, TopicPartition,
+    TopicSpec,
 };
 use sluice_runtime::{
     CountingMetrics, MemoryDlq, Outputs, ProcessError, Processor, RunError, RuntimeConfig,
@@ -22,11 +24,12 @@ use tokio_util::sync::CancellationToken;
 const DEADLINE: Duration = Duration::from_secs(20);
 
 /// Scores readings; fails transiently while `down`, rejects devices named `bad-*`, and stops
-/// on `boom`.
+/// on `boom`. Takes `pace_ms` per event.
 #[derive(Default)]
 struct Scorer {
     down: AtomicBool,
     attempts: AtomicU32,
+    pace_ms: AtomicU64,
 }
 
 impl Processor for Scorer {
@@ -34,6 +37,10 @@ impl Processor for Scorer {
 
     async fn process(&self, event: Event, out: &mut Outputs) -> Result<(), ProcessError> {
         self.attempts.fetch_add(1, Ordering::SeqCst);
+        let pace = self.pace_ms.load(Ordering::SeqCst);
+        if pace > 0 {
+            tokio::time::sleep(Duration::from_millis(pace)).await;
+        }
         if self.down.load(Ordering::SeqCst) {
             return Err(ProcessError::Transient("model server unreachable".into()));
         }
@@ -64,20 +71,43 @@ impl Processor for Scorer {
     }
 }
 
-struct Rig {
-    _dir: tempfile::TempDir,
-    log: EmbeddedLog,
+struct Rig<L> {
+    _dir: Option<tempfile::TempDir>,
+    _cluster: Option<MockCluster>,
+    log: L,
     codec: Arc<EventCodec<Arc<Registry>>>,
     config: RuntimeConfig,
 }
 
-async fn rig(partitions: u32) -> Rig {
+async fn rig(partitions: u32) -> Rig<EmbeddedLog> {
     let dir = tempfile::tempdir().unwrap();
     let log = EmbeddedLog::open(dir.path(), EmbeddedOptions::default()).unwrap();
     log.create_topic(&TopicSpec::new("in", partitions))
         .await
         .unwrap();
     log.create_topic(&TopicSpec::new("out", 1)).await.unwrap();
+    Rig {
+        _dir: Some(dir),
+        ..rig_on(log)
+    }
+}
+
+/// A rig on librdkafka's in-process mock cluster (a real Kafka-protocol broker).
+fn kafka_rig(partitions: u32) -> Rig<KafkaLog> {
+    let cluster = sluice_log::kafka::mock_cluster(1).unwrap();
+    cluster.create_topic("in", partitions as i32, 1).unwrap();
+    cluster.create_topic("out", 1, 1).unwrap();
+    let log = KafkaLog::on_mock(&cluster)
+        .with_option("session.timeout.ms", "6000")
+        .with_option("heartbeat.interval.ms", "500")
+        .with_operation_timeout(Duration::from_secs(10));
+    Rig {
+        _cluster: Some(cluster),
+        ..rig_on(log)
+    }
+}
+
+fn rig_on<L: Log>(log: L) -> Rig<L> {
     let registry = Arc::new(Registry::in_memory());
     let schemas = SchemaDir::load(&PathBuf::from(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -90,7 +120,8 @@ async fn rig(partitions: u32) -> Rig {
     config.max_backoff = Duration::from_millis(50);
     config.max_wait = Duration::from_millis(20);
     Rig {
-        _dir: dir,
+        _dir: None,
+        _cluster: None,
         log,
         codec: Arc::new(EventCodec::new(registry)),
         config,
@@ -108,7 +139,7 @@ fn reading(device: &str, temp: f64) -> Event {
     .unwrap()
 }
 
-impl Rig {
+impl<L: Log + Clone + Send + Sync + 'static> Rig<L> {
     async fn produce(&self, events: &[Event]) {
         let mut records = Vec::new();
         for e in events {
@@ -162,12 +193,6 @@ impl Rig {
         events
     }
 
-    fn committed(&self, partition: i32) -> Option<i64> {
-        self.log
-            .committed("scorer", &TopicPartition::new("in", partition))
-            .unwrap()
-    }
-
     fn start(
         &self,
         scorer: Arc<Scorer>,
@@ -188,6 +213,14 @@ impl Rig {
             sluice_runtime::run(&*scorer, &config, &log, &*codec, &*dlq, &*metrics, t).await
         });
         (token, task)
+    }
+}
+
+impl Rig<EmbeddedLog> {
+    fn committed(&self, partition: i32) -> Option<i64> {
+        self.log
+            .committed("scorer", &TopicPartition::new("in", partition))
+            .unwrap()
     }
 }
 
@@ -384,4 +417,81 @@ async fn a_transient_outage_during_shutdown_leaves_the_input_uncommitted() {
         "the failing input will be read again"
     );
     assert!(rig.outputs(0).await.is_empty());
+}
+
+/// A second member joins while the first is in the middle of a batch. The first finishes,
+/// produces and commits that batch before giving partitions up, and the newcomer starts at
+/// those commits: every input is processed, none lost, and with `exactly_once` none redone.
+async fn a_joining_member_takes_over_only_drained_partitions<L>(mut rig: Rig<L>, exactly_once: bool)
+where
+    L: Log + Clone + Send + Sync + 'static,
+{
+    const N: usize = 400;
+    // Small batches, so that the first member polls (and can hand partitions over) often.
+    rig.config.max_batch = 20;
+    let inputs: Vec<Event> = (0..N)
+        .map(|i| reading(&format!("dev-{}", i % 40), i as f64))
+        .collect();
+    rig.produce(&inputs).await;
+    let (first, second) = (Arc::new(Scorer::default()), Arc::new(Scorer::default()));
+    first.pace_ms.store(5, Ordering::SeqCst);
+    second.pace_ms.store(5, Ordering::SeqCst);
+    let dlq = Arc::new(MemoryDlq::default());
+    let (m1, m2) = (
+        Arc::new(CountingMetrics::default()),
+        Arc::new(CountingMetrics::default()),
+    );
+    let (t1, task1) = rig.start(first, dlq.clone(), m1.clone());
+    until("the first member to be busy", || {
+        m1.processed.load(Ordering::Relaxed) >= 20
+    })
+    .await;
+    let (t2, task2) = rig.start(second, dlq.clone(), m2.clone());
+
+    let distinct = |out: &[Event]| {
+        let mut causes: Vec<_> = out.iter().map(|e| e.metadata.causation_id).collect();
+        causes.sort();
+        causes.dedup();
+        causes.len()
+    };
+    let waiting = Instant::now();
+    let mut out = rig.outputs(N).await;
+    // Redone inputs count towards `outputs`; wait for every distinct one (or the deadline).
+    while distinct(&out) < N && waiting.elapsed() < DEADLINE {
+        out = rig.outputs(out.len() + 1).await;
+    }
+    t1.cancel();
+    t2.cancel();
+    task1.await.unwrap().unwrap();
+    task2.await.unwrap().unwrap();
+    let (p1, p2) = (
+        m1.processed.load(Ordering::Relaxed),
+        m2.processed.load(Ordering::Relaxed),
+    );
+    assert!(
+        p2 > 0,
+        "the second member got partitions (first {p1}, second {p2})"
+    );
+    assert_eq!(distinct(&out), N, "every input reached the output");
+    if exactly_once {
+        assert_eq!(
+            p1 + p2,
+            N as u64,
+            "nothing processed twice (first {p1}, second {p2})"
+        );
+        assert_eq!(out.len(), N, "each input exactly once");
+    }
+    assert!(dlq.letters().is_empty());
+}
+
+#[tokio::test]
+async fn embedded_joining_member_takes_over_only_drained_partitions() {
+    a_joining_member_takes_over_only_drained_partitions(rig(4).await, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_joining_member_takes_over_only_drained_partitions() {
+    // The mock refuses commits while its group is joining (a real broker takes them until the
+    // rebalance completes), so the batch in flight at the join may be processed twice there.
+    a_joining_member_takes_over_only_drained_partitions(kafka_rig(4), false).await;
 }
