@@ -532,6 +532,18 @@ fn check_validator(c: &IngestValidatorConfig, at: &str, out: &mut Vec<Issue>) {
         format!("{at}.max_payload_bytes"),
         out,
     );
+    for (event_type, fields) in &c.ranges {
+        for (field, range) in fields {
+            if let (Some(min), Some(max)) = (range.min, range.max)
+                && min > max
+            {
+                out.push(Issue::new(
+                    format!("{at}.ranges.{event_type}.{field}"),
+                    format!("min {min} is above max {max}"),
+                ));
+            }
+        }
+    }
 }
 
 fn check_relay(c: &OutboxRelayConfig, at: &str, out: &mut Vec<Issue>) {

@@ -3,6 +3,7 @@
 //! The doc comment on every field is the user documentation of that setting. Every struct
 //! denies unknown fields so that a misspelt setting is reported instead of silently ignored.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -188,14 +189,23 @@ impl Default for HttpIngestConfig {
 
 /// `ingest-validator`: validates raw events against their Avro schema and appends them to the
 /// event store and the outbox in one transaction; rejects go to the DLQ.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IngestValidatorConfig {
     /// Most events appended in one store transaction. Default: `500`.
     pub batch_size: usize,
-    /// Largest event payload accepted, in bytes; larger ones are rejected to the DLQ.
+    /// Largest raw message accepted, in bytes; larger ones are rejected to the DLQ.
     /// Default: `65536`.
     pub max_payload_bytes: usize,
+    /// How far ahead of the validator's clock a device time may be. Default: `5m`.
+    #[serde(with = "humantime_serde")]
+    pub max_future: Duration,
+    /// How far behind the validator's clock a device time may be. Default: `7d`.
+    #[serde(with = "humantime_serde")]
+    pub max_past: Duration,
+    /// Allowed ranges of numeric payload fields, per event type:
+    /// `{sensor.reading: {temperature_c: {min: -60, max: 150}}}`. Default: none.
+    pub ranges: BTreeMap<String, BTreeMap<String, FieldRange>>,
 }
 
 impl Default for IngestValidatorConfig {
@@ -203,8 +213,23 @@ impl Default for IngestValidatorConfig {
         IngestValidatorConfig {
             batch_size: 500,
             max_payload_bytes: 65_536,
+            max_future: Duration::from_secs(5 * 60),
+            max_past: Duration::from_secs(7 * 24 * 3600),
+            ranges: BTreeMap::new(),
         }
     }
+}
+
+/// Bounds of a numeric field, both inclusive; either may be left out.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FieldRange {
+    /// Smallest allowed value.
+    #[serde(default)]
+    pub min: Option<f64>,
+    /// Largest allowed value.
+    #[serde(default)]
+    pub max: Option<f64>,
 }
 
 // ---------------------------------------------------------------------------------------------

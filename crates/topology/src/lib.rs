@@ -26,7 +26,7 @@ mod parse;
 mod suggest;
 
 pub use config::{
-    ActionRouterConfig, Endpoint, ExecutorConfig, HttpIngestConfig, InferencerConfig,
+    ActionRouterConfig, Endpoint, ExecutorConfig, FieldRange, HttpIngestConfig, InferencerConfig,
     IngestValidatorConfig, KindConfig, MqttBridgeConfig, OutboxRelayConfig, ProjectorConfig, Rule,
     RuleAction, TopicMapping,
 };

@@ -1,0 +1,454 @@
+//! The store of Sluice: the append-only event store, the transactional outbox, consumer offsets
+//! committed with the writes they produced, and the dead-letter table, on PostgreSQL
+//! (`postgres://...`) or SQLite (`sqlite://PATH`) through `sqlx`. Both pass one contract suite
+//! (`tests/contract`), and processors never see which one they run on.
+//!
+//! This crate must never acknowledge an append before it is durable (committed; on SQLite with
+//! `synchronous=FULL`), never store an event twice or an outbox entry without its event, never
+//! let the outbox skip an entry, and never update or delete an event except by retention.
+//! Schema changes go through the migrations in `sql/postgres` and `sql/sqlite`, never through
+//! ad-hoc DDL (the time partitions of the Postgres event store are the one exception, made by
+//! [`Store::maintain`] and on demand).
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use sluice_runtime::{BoxError as RuntimeBoxError, DeadLetter, DlqSink};
+use uuid::Uuid;
+
+mod error;
+mod model;
+mod postgres;
+mod prepare;
+mod sqlite;
+pub mod testing;
+
+pub use error::{BoxError, Error, Result};
+pub use model::{
+    AppendBatch, AppendEvent, AppendOutcome, Appended, ConsumerOffset, DlqCount, DlqEntry,
+    DlqFilter, DlqStatus, EventQuery, MaintainReport, NewDeadLetter, OutboxEntry, PartitionInfo,
+    StoredEvent,
+};
+
+use postgres::PgStore;
+use sqlite::SqliteStore;
+
+/// The channel the Postgres store notifies once per append transaction that wrote outbox rows.
+pub const OUTBOX_CHANNEL: &str = "sluice_outbox";
+
+/// How the store behaves. Loaded like every Sluice config: defaults, then file, then
+/// `SLUICE__` environment variables.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreOptions {
+    /// How long events are kept (by `ingested_at`); older ones are removed by
+    /// [`Store::maintain`]. Also how long a duplicate event id is recognised.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// Most connections held open (Postgres; on SQLite, the readers beside the one writer).
+    pub pool_size: u32,
+    /// Width of one time partition of the Postgres event store; whole seconds, at least a
+    /// minute. Partitions are aligned to multiples of it since the Unix epoch.
+    #[serde(with = "humantime_serde")]
+    pub partition_interval: Duration,
+    /// Partitions created ahead of the current one (Postgres).
+    pub partitions_ahead: u32,
+    /// Apply migrations when connecting (`sluice dev`); otherwise `sluice migrate` does.
+    pub migrate_on_connect: bool,
+    /// Longest wait for a pooled connection before the operation fails as transient.
+    #[serde(with = "humantime_serde")]
+    pub acquire_timeout: Duration,
+    /// Longest wait for SQLite's write lock before the operation fails as transient.
+    #[serde(with = "humantime_serde")]
+    pub busy_timeout: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            retention: Duration::from_secs(7 * 24 * 3600),
+            pool_size: 10,
+            partition_interval: Duration::from_secs(24 * 3600),
+            partitions_ahead: 3,
+            migrate_on_connect: false,
+            acquire_timeout: Duration::from_secs(10),
+            busy_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl StoreOptions {
+    /// Every problem with these options, or none.
+    pub fn validate(&self) -> Result<()> {
+        let mut problems = Vec::new();
+        if self.retention.is_zero() {
+            problems.push("retention must be positive".to_owned());
+        }
+        if self.pool_size == 0 {
+            problems.push("pool_size must be at least 1".to_owned());
+        }
+        if self.partition_interval < Duration::from_secs(60)
+            || self.partition_interval.subsec_nanos() != 0
+        {
+            problems.push("partition_interval must be whole seconds, at least 1m".to_owned());
+        }
+        if self.acquire_timeout.is_zero() {
+            problems.push("acquire_timeout must be positive".to_owned());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::InvalidOptions(problems))
+        }
+    }
+}
+
+/// Which database a [`Store`] runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// PostgreSQL.
+    Postgres,
+    /// SQLite.
+    Sqlite,
+}
+
+/// The store: one handle, cheap to clone, shared by every task of a process.
+#[derive(Debug, Clone)]
+pub struct Store {
+    inner: Inner,
+}
+
+#[derive(Debug, Clone)]
+enum Inner {
+    Postgres(PgStore),
+    Sqlite(SqliteStore),
+}
+
+/// Calls the same method on whichever backend this is.
+macro_rules! dispatch {
+    ($self:ident . $method:ident ( $($arg:expr),* )) => {
+        match &$self.inner {
+            Inner::Postgres(s) => s.$method($($arg),*).await,
+            Inner::Sqlite(s) => s.$method($($arg),*).await,
+        }
+    };
+}
+
+impl Store {
+    /// Opens the store at `url`: `postgres://...` / `postgresql://...`, or `sqlite://PATH`
+    /// (the file and its folder are created when missing). Checks that the database answers;
+    /// migrates first when `opts.migrate_on_connect`.
+    pub async fn connect(url: &str, opts: StoreOptions) -> Result<Store> {
+        opts.validate()?;
+        let inner = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Inner::Postgres(PgStore::connect(url, opts.clone()).await?)
+        } else if let Some(path) = url.strip_prefix("sqlite://") {
+            if path.is_empty() {
+                return Err(Error::InvalidUrl {
+                    url: url.to_owned(),
+                    reason: "no file path after sqlite://".to_owned(),
+                });
+            }
+            Inner::Sqlite(SqliteStore::connect(PathBuf::from(path), opts.clone()).await?)
+        } else {
+            return Err(Error::InvalidUrl {
+                url: url.to_owned(),
+                reason: "unknown scheme".to_owned(),
+            });
+        };
+        let store = Store { inner };
+        if opts.migrate_on_connect {
+            store.migrate().await?;
+        }
+        Ok(store)
+    }
+
+    /// Which database this is.
+    pub fn backend(&self) -> Backend {
+        match self.inner {
+            Inner::Postgres(_) => Backend::Postgres,
+            Inner::Sqlite(_) => Backend::Sqlite,
+        }
+    }
+
+    /// Applies the migrations not yet applied. Idempotent, and safe when several processes run
+    /// it at once (Postgres: an advisory lock; SQLite: one `BEGIN IMMEDIATE` transaction). On
+    /// Postgres it also makes sure the current and the next partitions exist.
+    pub async fn migrate(&self) -> Result<()> {
+        dispatch!(self.migrate())
+    }
+
+    /// Closes every connection; clones of this store stop working.
+    pub async fn close(&self) {
+        dispatch!(self.close())
+    }
+
+    /// Appends a batch in one transaction: the events not already stored, one outbox entry per
+    /// newly stored event, the dead letters, and the consumer offsets. Nothing of it is stored
+    /// if anything fails. Duplicate event ids are skipped and reported, not errors.
+    pub async fn append(&self, batch: &AppendBatch) -> Result<AppendOutcome> {
+        dispatch!(self.append(batch, None))
+    }
+
+    /// [`append`](Self::append), sleeping `hold` inside the transaction before committing, so
+    /// tests can make concurrent transactions commit out of id order.
+    #[doc(hidden)]
+    pub async fn append_with_delay(
+        &self,
+        batch: &AppendBatch,
+        hold: Duration,
+    ) -> Result<AppendOutcome> {
+        dispatch!(self.append(batch, Some(hold)))
+    }
+
+    /// The offsets committed for `group`, ordered by topic and partition.
+    pub async fn consumer_offsets(&self, group: &str) -> Result<Vec<ConsumerOffset>> {
+        dispatch!(self.consumer_offsets(group))
+    }
+
+    /// Up to `limit` outbox entries, oldest id first. Entries stay until deleted, so this reads
+    /// whatever is still waiting, including entries committed after later ids were published.
+    pub async fn outbox_fetch(&self, limit: u32) -> Result<Vec<OutboxEntry>> {
+        dispatch!(self.outbox_fetch(limit))
+    }
+
+    /// Deletes published entries (one statement); returns how many were deleted.
+    pub async fn outbox_delete(&self, ids: &[i64]) -> Result<u64> {
+        dispatch!(self.outbox_delete(ids))
+    }
+
+    /// Records a failed publish: the entries stay, their attempts go up by one and `error` is
+    /// kept as the last error. Returns how many entries were updated.
+    pub async fn outbox_record_failure(&self, ids: &[i64], error: &str) -> Result<u64> {
+        dispatch!(self.outbox_record_failure(ids, error))
+    }
+
+    /// Entries waiting in the outbox.
+    pub async fn outbox_depth(&self) -> Result<u64> {
+        dispatch!(self.outbox_depth())
+    }
+
+    /// A waiter woken by appends that wrote outbox entries. Postgres: LISTEN on
+    /// [`OUTBOX_CHANNEL`] (any process's appends). SQLite: appends through this store or its
+    /// clones. Either way a relay also polls on timeout; a missed wake-up only costs latency.
+    pub async fn outbox_listener(&self) -> Result<OutboxListener> {
+        dispatch!(self.outbox_listener())
+    }
+
+    /// Stores one dead letter on its own; returns its id.
+    pub async fn dlq_put(&self, letter: impl Into<NewDeadLetter>) -> Result<i64> {
+        let batch = AppendBatch {
+            dead_letters: vec![letter.into()],
+            ..AppendBatch::default()
+        };
+        let outcome = self.append(&batch).await?;
+        outcome
+            .dead_letter_ids
+            .first()
+            .copied()
+            .ok_or_else(|| Error::corrupt("dlq_put", "the insert returned no id"))
+    }
+
+    /// Dead letters matching `filter`, by id.
+    pub async fn dlq_list(&self, filter: &DlqFilter) -> Result<Vec<DlqEntry>> {
+        dispatch!(self.dlq_list(filter))
+    }
+
+    /// One dead letter.
+    pub async fn dlq_get(&self, id: i64) -> Result<Option<DlqEntry>> {
+        dispatch!(self.dlq_get(id))
+    }
+
+    /// Moves pending dead letters to `status` (replayed or discarded), recording who and when.
+    /// Entries not pending are left alone. Returns how many changed.
+    pub async fn dlq_set_status(&self, ids: &[i64], status: DlqStatus, who: &str) -> Result<u64> {
+        if status == DlqStatus::Pending {
+            return Err(Error::InvalidArgument {
+                op: "dlq_set_status",
+                reason: "a dead letter can only move from pending to replayed or discarded"
+                    .to_owned(),
+            });
+        }
+        dispatch!(self.dlq_set_status(ids, status, who, prepare::trunc(Utc::now())))
+    }
+
+    /// Dead letters by processor, error class and status.
+    pub async fn dlq_counts(&self) -> Result<Vec<DlqCount>> {
+        dispatch!(self.dlq_counts())
+    }
+
+    /// Events stored.
+    pub async fn event_count(&self) -> Result<u64> {
+        dispatch!(self.event_count())
+    }
+
+    /// One event by id.
+    pub async fn event_by_id(&self, id: Uuid) -> Result<Option<StoredEvent>> {
+        dispatch!(self.event_by_id(id))
+    }
+
+    /// Up to `limit` events with a position greater than `position`, in position order.
+    pub async fn events_after(&self, position: i64, limit: u32) -> Result<Vec<StoredEvent>> {
+        let q = EventQuery {
+            after_position: position,
+            limit,
+            ..EventQuery::default()
+        };
+        self.events_in_range(&q).await
+    }
+
+    /// Events matching `query`, in position order.
+    pub async fn events_in_range(&self, query: &EventQuery) -> Result<Vec<StoredEvent>> {
+        dispatch!(self.events_in_range(query))
+    }
+
+    /// Retention and partitions as of `now`: creates the current partition and
+    /// `partitions_ahead` more, drops partitions entirely older than `now - retention`, and
+    /// deletes older events that are not in such a partition (all of them on SQLite).
+    pub async fn maintain(&self, now: DateTime<Utc>) -> Result<MaintainReport> {
+        dispatch!(self.maintain(now))
+    }
+
+    /// The time partitions of the event store (Postgres; empty on SQLite).
+    pub async fn partitions(&self) -> Result<Vec<PartitionInfo>> {
+        dispatch!(self.partitions())
+    }
+}
+
+impl DlqSink for Store {
+    async fn put(&self, letter: DeadLetter) -> Result<(), RuntimeBoxError> {
+        self.dlq_put(letter).await?;
+        Ok(())
+    }
+}
+
+/// Wakes a relay when appends wrote outbox entries. See [`Store::outbox_listener`].
+pub struct OutboxListener {
+    inner: ListenerInner,
+}
+
+enum ListenerInner {
+    Postgres(Box<sqlx::postgres::PgListener>),
+    Sqlite(tokio::sync::watch::Receiver<u64>),
+}
+
+impl fmt::Debug for OutboxListener {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.inner {
+            ListenerInner::Postgres(_) => "postgres",
+            ListenerInner::Sqlite(_) => "sqlite",
+        };
+        f.debug_struct("OutboxListener")
+            .field("backend", &kind)
+            .finish()
+    }
+}
+
+impl OutboxListener {
+    /// Waits up to `timeout` for a wake-up. `true` when one came (several are merged into one),
+    /// or when the connection was lost and some may have been missed; `false` on timeout.
+    pub async fn wait(&mut self, timeout: Duration) -> Result<bool> {
+        match &mut self.inner {
+            ListenerInner::Postgres(l) => {
+                match tokio::time::timeout(timeout, l.try_recv()).await {
+                    Err(_) => Ok(false),
+                    Ok(Ok(Some(_))) => {
+                        while l.next_buffered().is_some() {}
+                        Ok(true)
+                    }
+                    // Reconnecting: anything sent meanwhile is lost, so say "look now".
+                    Ok(Ok(None)) => Ok(true),
+                    Ok(Err(e)) => Err(Error::db("outbox_listener", e)),
+                }
+            }
+            ListenerInner::Sqlite(rx) => match tokio::time::timeout(timeout, rx.changed()).await {
+                Err(_) => Ok(false),
+                Ok(Ok(())) => {
+                    rx.borrow_and_update();
+                    Ok(true)
+                }
+                // The store is gone; nothing will ever wake us again.
+                Ok(Err(_)) => Err(Error::Fatal {
+                    op: "outbox_listener",
+                    source: "the store was dropped".into(),
+                }),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn is_send<T: Send>(_: &T) {}
+    fn is_shared<T: Clone + Send + Sync + fmt::Debug + 'static>() {}
+
+    /// Spawnable: every operation's future is `Send`, and the store is shareable.
+    #[allow(dead_code)]
+    fn futures_are_send(s: &Store, b: &AppendBatch, l: &mut OutboxListener) {
+        is_shared::<Store>();
+        is_send(&s.migrate());
+        is_send(&s.append(b));
+        is_send(&s.maintain(Utc::now()));
+        is_send(&s.outbox_fetch(1));
+        is_send(&s.outbox_listener());
+        is_send(&l.wait(Duration::ZERO));
+        is_send(&s.dlq_list(&DlqFilter::default()));
+        is_send(&s.events_in_range(&EventQuery::default()));
+    }
+
+    #[tokio::test]
+    async fn bad_urls_name_the_accepted_forms() {
+        for url in ["mysql://localhost/db", "sqlite://", "localhost:5432", ""] {
+            let err = Store::connect(url, StoreOptions::default())
+                .await
+                .unwrap_err();
+            assert!(matches!(err, Error::InvalidUrl { .. }), "{url}: {err}");
+            let text = err.to_string();
+            assert!(
+                text.contains("postgres://") && text.contains("sqlite://PATH"),
+                "{text}"
+            );
+        }
+        let err = Store::connect(
+            "postgres://u:secret@host:notaport/db",
+            StoreOptions::default(),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, Error::InvalidUrl { .. }), "{err}");
+        assert!(
+            !err.to_string().contains("secret"),
+            "no password in messages: {err}"
+        );
+    }
+
+    #[test]
+    fn options_report_every_problem() {
+        let bad = StoreOptions {
+            retention: Duration::ZERO,
+            pool_size: 0,
+            partition_interval: Duration::from_millis(90_500),
+            ..StoreOptions::default()
+        };
+        let Err(Error::InvalidOptions(problems)) = bad.validate() else {
+            panic!("accepted");
+        };
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(StoreOptions::default().validate().is_ok());
+    }
+
+    #[test]
+    fn options_load_from_config_with_human_durations() {
+        let opts: StoreOptions =
+            serde_json::from_str(r#"{"retention": "3days", "partition_interval": "6h"}"#).unwrap();
+        assert_eq!(opts.retention, Duration::from_secs(3 * 86_400));
+        assert_eq!(opts.partition_interval, Duration::from_secs(6 * 3600));
+        assert_eq!(opts.partitions_ahead, 3);
+        assert!(serde_json::from_str::<StoreOptions>(r#"{"retension": "1d"}"#).is_err());
+    }
+}

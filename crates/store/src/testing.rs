@@ -1,0 +1,74 @@
+//! Throwaway PostgreSQL databases for the tests of this crate and of the processors built on
+//! it. The server comes from `SLUICE_TEST_POSTGRES` (a URL to any database on it), else
+//! `postgres://postgres@127.0.0.1:5432/postgres`; without one, tests fail with a message
+//! saying so, never skip.
+
+use sqlx::{Connection, Executor, PgConnection};
+
+const DEFAULT_SERVER: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+/// The test server's URL.
+pub fn server_url() -> String {
+    std::env::var("SLUICE_TEST_POSTGRES").unwrap_or_else(|_| DEFAULT_SERVER.to_owned())
+}
+
+/// `url` with its database replaced by `db`.
+pub fn with_database(url: &str, db: &str) -> String {
+    let (scheme, rest) = url.split_once("://").expect("a postgres:// URL");
+    let (authority, query) = match rest.split_once('/') {
+        Some((authority, path)) => (authority, path.split_once('?').map(|(_, q)| q)),
+        None => (
+            rest.split_once('?').map_or(rest, |(a, _)| a),
+            rest.split_once('?').map(|(_, q)| q),
+        ),
+    };
+    match query {
+        Some(q) => format!("{scheme}://{authority}/{db}?{q}"),
+        None => format!("{scheme}://{authority}/{db}"),
+    }
+}
+
+/// A connection to the test server's own database, for CREATE and DROP DATABASE.
+pub async fn admin() -> PgConnection {
+    let url = server_url();
+    PgConnection::connect(&url).await.unwrap_or_else(|e| {
+        panic!(
+            "cannot reach PostgreSQL at {url}: {e}\n\
+             These tests need a server: start one, or point them at one with \
+             SLUICE_TEST_POSTGRES=postgres://USER@HOST:PORT/DB"
+        )
+    })
+}
+
+/// A database of its own for one test; call [`TestDatabase::drop_now`] at the end.
+#[derive(Debug)]
+pub struct TestDatabase {
+    name: String,
+    /// Its URL.
+    pub url: String,
+}
+
+impl TestDatabase {
+    /// Creates `sluice_test_<random>` on the test server.
+    pub async fn create() -> TestDatabase {
+        let name = format!("sluice_test_{}", uuid::Uuid::new_v4().simple());
+        let mut conn = admin().await;
+        conn.execute(format!("CREATE DATABASE {name}").as_str())
+            .await
+            .expect("create the test database");
+        let _ = conn.close().await;
+        TestDatabase {
+            url: with_database(&server_url(), &name),
+            name,
+        }
+    }
+
+    /// Drops it, closing whatever still connects to it.
+    pub async fn drop_now(self) {
+        let mut conn = admin().await;
+        conn.execute(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name).as_str())
+            .await
+            .expect("drop the test database");
+        let _ = conn.close().await;
+    }
+}

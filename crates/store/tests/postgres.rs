@@ -1,0 +1,177 @@
+//! The store contract on PostgreSQL, plus what only Postgres has (a server to lose).
+//!
+//! Each test creates its own database `sluice_test_<uuid>` and drops it at the end, so tests
+//! run in parallel. The server comes from `SLUICE_TEST_POSTGRES` (a URL to any database on it),
+//! else `postgres://postgres@127.0.0.1:5432/postgres`. Without a server the tests fail; they
+//! never skip.
+
+mod contract;
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::time::Duration;
+
+use futures::FutureExt;
+use sluice_store::testing::{admin, server_url, with_database};
+use sluice_store::{Store, StoreOptions};
+use sqlx::{Connection, Executor, PgConnection};
+
+/// Upper bound for a whole test: a hang is a failure, not a stuck CI job.
+const TEST_DEADLINE: Duration = Duration::from_secs(120);
+
+struct Pg {
+    url: String,
+}
+
+impl contract::Harness for Pg {
+    async fn connect(&self) -> Store {
+        Store::connect(&self.url, StoreOptions::default())
+            .await
+            .expect("connect to the test database")
+    }
+
+    async fn exec(&self, sql: &str) -> Result<u64, String> {
+        let mut conn = PgConnection::connect(&self.url)
+            .await
+            .map_err(|e| e.to_string())?;
+        let r = conn.execute(sql).await.map_err(|e| e.to_string());
+        let _ = conn.close().await;
+        r.map(|done| done.rows_affected())
+    }
+
+    async fn scalar(&self, sql: &str) -> i64 {
+        let mut conn = PgConnection::connect(&self.url).await.unwrap();
+        let n = sqlx::query_scalar(sql).fetch_one(&mut conn).await.unwrap();
+        let _ = conn.close().await;
+        n
+    }
+}
+
+/// Runs `body` on a fresh database, then drops it whether the body passed or not.
+async fn on_fresh_database<F, Fut>(body: F)
+where
+    F: FnOnce(Pg) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let name = format!("sluice_test_{}", uuid::Uuid::new_v4().simple());
+    let mut conn = admin().await;
+    conn.execute(format!("CREATE DATABASE {name}").as_str())
+        .await
+        .expect("create the test database");
+    let _ = conn.close().await;
+    let pg = Pg {
+        url: with_database(&server_url(), &name),
+    };
+    let result = AssertUnwindSafe(tokio::time::timeout(TEST_DEADLINE, body(pg)))
+        .catch_unwind()
+        .await;
+    let mut conn = admin().await;
+    let dropped = conn
+        .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+        .await;
+    match result {
+        Err(panic) => std::panic::resume_unwind(panic),
+        Ok(Err(_)) => panic!("test did not finish within {TEST_DEADLINE:?}"),
+        Ok(Ok(())) => {
+            dropped.expect("drop the test database");
+        }
+    }
+}
+
+macro_rules! contract {
+    ($($name:ident),* $(,)?) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            on_fresh_database(|pg| async move { contract::$name(&pg).await }).await;
+        }
+    )*};
+}
+
+contract!(
+    migrations_are_idempotent_and_safe_concurrently,
+    append_round_trips_events,
+    duplicates_are_skipped_and_reported,
+    concurrent_appends_of_the_same_ids_store_each_once,
+    events_are_append_only,
+    a_failed_append_stores_nothing,
+    offsets_commit_with_the_batch,
+    outbox_fetch_delete_and_failures,
+    listener_wakes_on_append,
+    concurrent_writers_drain_exactly_once_in_order,
+    dead_letters_round_trip,
+    retention_drops_old_events_and_keeps_recent_ones,
+    appends_outside_ready_partitions_still_work,
+);
+
+#[test]
+fn database_names_are_replaced_in_urls() {
+    assert_eq!(
+        with_database("postgres://u@h:5432/postgres", "x"),
+        "postgres://u@h:5432/x"
+    );
+    assert_eq!(
+        with_database("postgresql://u:p@h/db?sslmode=disable", "x"),
+        "postgresql://u:p@h/x?sslmode=disable"
+    );
+    assert_eq!(with_database("postgres://h", "x"), "postgres://h/x");
+}
+
+/// A server that is not there is an outage (retried), and the message says where we looked.
+#[tokio::test]
+async fn an_unreachable_server_is_a_transient_error() {
+    let opts = StoreOptions {
+        acquire_timeout: Duration::from_secs(2),
+        ..StoreOptions::default()
+    };
+    // Port 1 on loopback: nothing listens there.
+    let err = Store::connect("postgres://postgres@127.0.0.1:1/postgres", opts)
+        .await
+        .expect_err("nothing listens on port 1");
+    assert!(err.is_transient(), "{err}");
+    let text = err.to_string();
+    assert!(text.contains("127.0.0.1:1"), "{text}");
+}
+
+/// Connections killed under the store (a failover, a restart): an operation either succeeds on
+/// a fresh connection or fails as transient, and the next one works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_connections_are_transient_and_recovered() {
+    on_fresh_database(|pg| async move {
+        use contract::Harness;
+        let store = pg.open().await;
+        store
+            .append(&contract::batch([contract::reading(
+                "dev-1",
+                1,
+                contract::now(),
+            )]))
+            .await
+            .unwrap();
+        let db = pg.url.rsplit('/').next().unwrap().to_owned();
+        let mut conn = admin().await;
+        let killed: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(&db)
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+        assert!(!killed.is_empty(), "the store had connections to kill");
+        match store.event_count().await {
+            Ok(n) => assert_eq!(n, 1),
+            Err(e) => assert!(e.is_transient(), "a lost connection is transient: {e}"),
+        }
+        assert_eq!(store.event_count().await.unwrap(), 1);
+        let out = store
+            .append(&contract::batch([contract::reading(
+                "dev-1",
+                2,
+                contract::now(),
+            )]))
+            .await
+            .unwrap();
+        assert_eq!(out.appended.len(), 1);
+    })
+    .await;
+}

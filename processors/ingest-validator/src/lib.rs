@@ -1,0 +1,411 @@
+//! The ingest-validator: reads raw events from `ingest.raw` (JSON from the edge, or Avro in
+//! the Confluent wire format), validates them against their subject's schema and the configured
+//! rules, enriches them (`ingested_at`, schema version) and appends each batch to the event
+//! store and the outbox in one transaction, together with the batch's input offsets and its
+//! rejects for the DLQ table.
+//!
+//! The store's offsets are the truth: the log's committed offsets are only advanced afterwards,
+//! and messages below the store's offset are skipped on a (re)assignment, so a crash between
+//! the append and the log commit stores nothing twice; the event store's unique event ids
+//! absorb whatever slips through (devices resending, a member losing its partitions mid-batch).
+//! This crate must never acknowledge input it has not appended or dead-lettered, never
+//! dead-letter an outage, and never move a stored offset backwards.
+
+mod validate;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use chrono::Utc;
+use sluice_log::{Consumer, Log, TopicPartition};
+use sluice_runtime::DeadLetter;
+use sluice_schemas::{EventCodec, SchemaSource};
+use sluice_store::{AppendBatch, AppendEvent, ConsumerOffset, NewDeadLetter, Store};
+use tokio_util::sync::CancellationToken;
+
+pub use sluice_topology::IngestValidatorConfig;
+pub use validate::{Outcome, Reject, Validated, validate};
+
+/// The processor's name in topologies and metrics.
+pub const NAME: &str = "ingest-validator";
+
+/// Errors that stop the validator.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The log refused something that retrying will not fix.
+    #[error("ingest-validator {name}: log: {source}")]
+    Log {
+        /// The instance.
+        name: String,
+        /// The cause.
+        source: sluice_log::Error,
+    },
+    /// The store refused something that retrying will not fix.
+    #[error("ingest-validator {name}: store: {source}")]
+    Store {
+        /// The instance.
+        name: String,
+        /// The cause.
+        source: sluice_store::Error,
+    },
+    /// Stopped at a crash point (tests only).
+    #[error("ingest-validator {0}: crashed on purpose after the append")]
+    Crashed(String),
+}
+
+/// Where the validator reads and how it is named.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The instance name: the DLQ's `processor` column.
+    pub name: String,
+    /// The consumer group, also the group of its offsets in the store.
+    pub group: String,
+    /// The raw topic.
+    pub input: String,
+    /// Event type → topic the relay publishes it to; unlisted types go to
+    /// `events.<type with dashes>`.
+    pub routes: BTreeMap<String, String>,
+    /// Validation rules and batch size.
+    pub config: IngestValidatorConfig,
+    /// Longest wait for a batch to fill.
+    pub max_wait: Duration,
+    /// Longest wait between retries during an outage.
+    pub max_backoff: Duration,
+    /// Stop right after the next append, before touching the log's offsets (crash tests).
+    #[doc(hidden)]
+    pub crash_after_append: bool,
+}
+
+impl Settings {
+    /// Settings for an instance called `name` reading `input`, with defaults elsewhere.
+    pub fn new(name: &str, input: &str) -> Settings {
+        Settings {
+            name: name.to_owned(),
+            group: name.to_owned(),
+            input: input.to_owned(),
+            routes: BTreeMap::new(),
+            config: IngestValidatorConfig::default(),
+            max_wait: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(30),
+            crash_after_append: false,
+        }
+    }
+
+    fn topic_for(&self, event_type: &sluice_core::EventType) -> String {
+        self.routes
+            .get(event_type.as_str())
+            .cloned()
+            .unwrap_or_else(|| event_type.default_topic())
+    }
+
+    /// Immediate, 1 s, 2 s, then doubling up to `max_backoff`.
+    fn delay(&self, attempt: u32) -> Duration {
+        match attempt {
+            0 | 1 => Duration::ZERO,
+            n => Duration::from_secs(1u64 << (n - 2).min(16)).min(self.max_backoff),
+        }
+    }
+}
+
+/// Counters for tests, the bench and the metrics endpoint.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Events appended to the store.
+    pub appended: AtomicU64,
+    /// Events already in the store (by event id), dropped.
+    pub duplicates: AtomicU64,
+    /// Messages dead-lettered.
+    pub rejected: AtomicU64,
+    /// Messages below the store's offset, skipped after a (re)assignment.
+    pub skipped: AtomicU64,
+    /// Retries during outages (registry, store).
+    pub retried: AtomicU64,
+    /// Store transactions.
+    pub batches: AtomicU64,
+}
+
+/// Runs the validator until `shutdown` is cancelled or a fatal error.
+pub async fn run<L: Log, S: SchemaSource>(
+    settings: &Settings,
+    log: &L,
+    store: &Store,
+    codec: &EventCodec<S>,
+    stats: &Stats,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let log_err = |source| Error::Log {
+        name: settings.name.clone(),
+        source,
+    };
+    let mut consumer = log
+        .consumer(&settings.group, &[settings.input.as_str()])
+        .map_err(log_err)?;
+    let mut worker = Worker {
+        settings,
+        store,
+        codec,
+        stats,
+        shutdown: &shutdown,
+        floors: HashMap::new(),
+        assignment: Vec::new(),
+    };
+    let result = worker.run(&mut consumer).await;
+    if matches!(result, Err(Error::Crashed(_))) {
+        // A crash commits nothing: drop the consumer as a killed process would.
+        return result;
+    }
+    match consumer.close().await {
+        Ok(()) => result,
+        // The store holds the offsets that matter; the log's only save re-reading.
+        Err(e) if e.is_transient() => {
+            tracing::warn!(validator = %settings.name, error = %e, "log offsets not committed on the way out");
+            result
+        }
+        Err(e) => result.and(Err(log_err(e))),
+    }
+}
+
+struct Worker<'a, S> {
+    settings: &'a Settings,
+    store: &'a Store,
+    codec: &'a EventCodec<S>,
+    stats: &'a Stats,
+    shutdown: &'a CancellationToken,
+    /// Per partition, the next offset the store has; anything below is already stored.
+    floors: HashMap<TopicPartition, i64>,
+    /// The assignment the floors were loaded for.
+    assignment: Vec<TopicPartition>,
+}
+
+impl<S: SchemaSource> Worker<'_, S> {
+    async fn run<C: Consumer>(&mut self, consumer: &mut C) -> Result<(), Error> {
+        let name = &self.settings.name;
+        while !self.shutdown.is_cancelled() {
+            let polled = tokio::select! {
+                polled = consumer.poll(self.settings.config.batch_size, self.settings.max_wait) => polled,
+                () = self.shutdown.cancelled() => break,
+            };
+            let batch = match polled {
+                Ok(batch) => batch,
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(validator = %name, error = %e, "poll failed; retrying");
+                    self.pause(Duration::from_secs(1)).await;
+                    continue;
+                }
+                Err(e) => return Err(self.log_err(e)),
+            };
+            let mut assignment = consumer.assignment();
+            assignment.sort();
+            if assignment != self.assignment {
+                if !self.load_floors().await? {
+                    break;
+                }
+                self.assignment = assignment;
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            let Some(prepared) = self.prepare(batch).await else {
+                // Shut down during an outage: nothing appended, all of it is read again.
+                break;
+            };
+            if !self.append(&prepared.batch).await? {
+                break;
+            }
+            if self.settings.crash_after_append {
+                return Err(Error::Crashed(name.clone()));
+            }
+            for offset in &prepared.batch.offsets {
+                self.floors.insert(
+                    TopicPartition::new(&offset.topic, offset.partition),
+                    offset.next_offset,
+                );
+            }
+            for (tp, next) in prepared.log_next {
+                match consumer.store(&tp, next) {
+                    Ok(()) | Err(sluice_log::Error::NotAssigned(_)) => {}
+                    Err(e) => return Err(self.log_err(e)),
+                }
+            }
+            if let Err(e) = consumer.commit().await {
+                if !e.is_transient() {
+                    return Err(self.log_err(e));
+                }
+                tracing::warn!(validator = %name, error = %e, "log commit failed; the store has the offsets");
+            }
+        }
+        Ok(())
+    }
+
+    /// Validates a polled batch into one store transaction. `None` if shut down meanwhile.
+    async fn prepare(&self, batch: Vec<sluice_log::Message>) -> Option<Prepared> {
+        let settings = self.settings;
+        let mut events = Vec::new();
+        let mut dead_letters = Vec::new();
+        let mut store_next: BTreeMap<TopicPartition, i64> = BTreeMap::new();
+        let mut log_next: BTreeMap<TopicPartition, i64> = BTreeMap::new();
+        for msg in batch {
+            let tp = msg.topic_partition();
+            log_next.insert(tp.clone(), msg.offset + 1);
+            if msg.offset < self.floors.get(&tp).copied().unwrap_or(0) {
+                self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            store_next.insert(tp, msg.offset + 1);
+            let mut attempt = 1;
+            let outcome = loop {
+                match validate(&msg, self.codec, &settings.config, Utc::now()).await {
+                    Outcome::Transient(detail) => {
+                        self.stats.retried.fetch_add(1, Ordering::Relaxed);
+                        let delay = settings.delay(attempt + 1);
+                        tracing::warn!(validator = %settings.name, error = %detail, retry_in = ?delay, "schema registry unreachable; retrying");
+                        if !self.pause(delay).await {
+                            return None;
+                        }
+                        attempt += 1;
+                    }
+                    done => break done,
+                }
+            };
+            match outcome {
+                Outcome::Valid(valid) => {
+                    let Validated { event, value } = *valid;
+                    events.push(AppendEvent {
+                        topic: settings.topic_for(&event.event_type),
+                        key: event.aggregate_id.as_bytes().to_vec(),
+                        value,
+                        event,
+                    });
+                }
+                Outcome::Rejected(reject) => {
+                    tracing::debug!(validator = %settings.name, topic = %msg.topic, partition = msg.partition, offset = msg.offset, class = reject.class, reason = %reject.message, "rejected");
+                    dead_letters.push(NewDeadLetter::from(DeadLetter {
+                        processor: settings.name.clone(),
+                        event_id: reject.event_id,
+                        topic: msg.topic.clone(),
+                        partition: msg.partition,
+                        offset: msg.offset,
+                        schema_id: reject.schema_id,
+                        raw: msg.value,
+                        error_class: reject.class,
+                        error_message: reject.message,
+                        attempts: 1,
+                        failed_at: Utc::now(),
+                    }));
+                }
+                Outcome::Transient(_) => unreachable!("retried above"),
+            }
+        }
+        let offsets = store_next
+            .into_iter()
+            .map(|(tp, next_offset)| ConsumerOffset {
+                group: settings.group.clone(),
+                topic: tp.topic,
+                partition: tp.partition,
+                next_offset,
+            })
+            .collect();
+        Some(Prepared {
+            batch: AppendBatch {
+                events,
+                dead_letters,
+                offsets,
+            },
+            log_next,
+        })
+    }
+
+    /// Appends in one transaction, retrying outages. False if shut down before it succeeded.
+    async fn append(&self, batch: &AppendBatch) -> Result<bool, Error> {
+        if batch.events.is_empty() && batch.dead_letters.is_empty() && batch.offsets.is_empty() {
+            return Ok(true);
+        }
+        let mut attempt = 1;
+        loop {
+            match self.store.append(batch).await {
+                Ok(outcome) => {
+                    let stats = self.stats;
+                    stats.batches.fetch_add(1, Ordering::Relaxed);
+                    stats
+                        .appended
+                        .fetch_add(outcome.appended.len() as u64, Ordering::Relaxed);
+                    stats
+                        .duplicates
+                        .fetch_add(outcome.duplicates.len() as u64, Ordering::Relaxed);
+                    stats
+                        .rejected
+                        .fetch_add(batch.dead_letters.len() as u64, Ordering::Relaxed);
+                    return Ok(true);
+                }
+                Err(e) if e.is_transient() => {
+                    self.stats.retried.fetch_add(1, Ordering::Relaxed);
+                    let delay = self.settings.delay(attempt + 1);
+                    tracing::warn!(validator = %self.settings.name, error = %e, retry_in = ?delay, "store append failed; retrying, nothing committed");
+                    if !self.pause(delay).await {
+                        return Ok(false);
+                    }
+                    attempt += 1;
+                }
+                Err(source) => {
+                    return Err(Error::Store {
+                        name: self.settings.name.clone(),
+                        source,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Reloads the store's offsets of this group. False if shut down before it succeeded.
+    async fn load_floors(&mut self) -> Result<bool, Error> {
+        let mut attempt = 1;
+        loop {
+            match self.store.consumer_offsets(&self.settings.group).await {
+                Ok(offsets) => {
+                    self.floors = offsets
+                        .into_iter()
+                        .map(|o| (TopicPartition::new(&o.topic, o.partition), o.next_offset))
+                        .collect();
+                    return Ok(true);
+                }
+                Err(e) if e.is_transient() => {
+                    self.stats.retried.fetch_add(1, Ordering::Relaxed);
+                    let delay = self.settings.delay(attempt + 1);
+                    tracing::warn!(validator = %self.settings.name, error = %e, retry_in = ?delay, "cannot read offsets from the store; retrying");
+                    if !self.pause(delay).await {
+                        return Ok(false);
+                    }
+                    attempt += 1;
+                }
+                Err(source) => {
+                    return Err(Error::Store {
+                        name: self.settings.name.clone(),
+                        source,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Sleeps `delay` unless shut down first; true if it slept the whole time.
+    async fn pause(&self, delay: Duration) -> bool {
+        tokio::select! {
+            () = tokio::time::sleep(delay) => true,
+            () = self.shutdown.cancelled() => false,
+        }
+    }
+
+    fn log_err(&self, source: sluice_log::Error) -> Error {
+        Error::Log {
+            name: self.settings.name.clone(),
+            source,
+        }
+    }
+}
+
+struct Prepared {
+    batch: AppendBatch,
+    /// Next offset per partition for the log's commit, skipped messages included.
+    log_next: BTreeMap<TopicPartition, i64>,
+}
