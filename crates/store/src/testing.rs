@@ -3,6 +3,8 @@
 //! `postgres://postgres@127.0.0.1:5432/postgres`; without one, tests fail with a message
 //! saying so, never skip.
 
+use std::future::Future;
+
 use sqlx::{Connection, Executor, PgConnection};
 
 const DEFAULT_SERVER: &str = "postgres://postgres@127.0.0.1:5432/postgres";
@@ -71,4 +73,22 @@ impl TestDatabase {
             .expect("drop the test database");
         let _ = conn.close().await;
     }
+}
+
+/// Runs `body` with a store URL on each backend: a SQLite file in a temporary folder, then a
+/// fresh Postgres database, dropped afterwards.
+pub async fn on_each_backend<F, Fut>(body: F)
+where
+    F: Fn(String) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    body(format!(
+        "sqlite://{}",
+        dir.path().join("sluice.db").display()
+    ))
+    .await;
+    let db = TestDatabase::create().await;
+    body(db.url.clone()).await;
+    db.drop_now().await;
 }

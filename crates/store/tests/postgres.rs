@@ -12,7 +12,7 @@ use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
 use futures::FutureExt;
-use sluice_store::testing::{admin, server_url, with_database};
+use sluice_store::testing::{TestDatabase, admin, with_database};
 use sluice_store::{Store, StoreOptions};
 use sqlx::{Connection, Executor, PgConnection};
 
@@ -53,28 +53,18 @@ where
     F: FnOnce(Pg) -> Fut,
     Fut: Future<Output = ()>,
 {
-    let name = format!("sluice_test_{}", uuid::Uuid::new_v4().simple());
-    let mut conn = admin().await;
-    conn.execute(format!("CREATE DATABASE {name}").as_str())
-        .await
-        .expect("create the test database");
-    let _ = conn.close().await;
+    let db = TestDatabase::create().await;
     let pg = Pg {
-        url: with_database(&server_url(), &name),
+        url: db.url.clone(),
     };
     let result = AssertUnwindSafe(tokio::time::timeout(TEST_DEADLINE, body(pg)))
         .catch_unwind()
         .await;
-    let mut conn = admin().await;
-    let dropped = conn
-        .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
-        .await;
+    db.drop_now().await;
     match result {
         Err(panic) => std::panic::resume_unwind(panic),
         Ok(Err(_)) => panic!("test did not finish within {TEST_DEADLINE:?}"),
-        Ok(Ok(())) => {
-            dropped.expect("drop the test database");
-        }
+        Ok(Ok(())) => {}
     }
 }
 

@@ -321,60 +321,61 @@ impl<S: SchemaSource> Worker<'_, S> {
         if batch.events.is_empty() && batch.dead_letters.is_empty() && batch.offsets.is_empty() {
             return Ok(true);
         }
-        let mut attempt = 1;
-        loop {
-            match self.store.append(batch).await {
-                Ok(outcome) => {
-                    let stats = self.stats;
-                    stats.batches.fetch_add(1, Ordering::Relaxed);
-                    stats
-                        .appended
-                        .fetch_add(outcome.appended.len() as u64, Ordering::Relaxed);
-                    stats
-                        .duplicates
-                        .fetch_add(outcome.duplicates.len() as u64, Ordering::Relaxed);
-                    stats
-                        .rejected
-                        .fetch_add(batch.dead_letters.len() as u64, Ordering::Relaxed);
-                    return Ok(true);
-                }
-                Err(e) if e.is_transient() => {
-                    self.stats.retried.fetch_add(1, Ordering::Relaxed);
-                    let delay = self.settings.delay(attempt + 1);
-                    tracing::warn!(validator = %self.settings.name, error = %e, retry_in = ?delay, "store append failed; retrying, nothing committed");
-                    if !self.pause(delay).await {
-                        return Ok(false);
-                    }
-                    attempt += 1;
-                }
-                Err(source) => {
-                    return Err(Error::Store {
-                        name: self.settings.name.clone(),
-                        source,
-                    });
-                }
-            }
-        }
+        let Some(outcome) = self
+            .retrying("store append failed", || self.store.append(batch))
+            .await?
+        else {
+            return Ok(false);
+        };
+        let stats = self.stats;
+        stats.batches.fetch_add(1, Ordering::Relaxed);
+        stats
+            .appended
+            .fetch_add(outcome.appended.len() as u64, Ordering::Relaxed);
+        stats
+            .duplicates
+            .fetch_add(outcome.duplicates.len() as u64, Ordering::Relaxed);
+        stats
+            .rejected
+            .fetch_add(batch.dead_letters.len() as u64, Ordering::Relaxed);
+        Ok(true)
     }
 
     /// Reloads the store's offsets of this group. False if shut down before it succeeded.
     async fn load_floors(&mut self) -> Result<bool, Error> {
+        let group = &self.settings.group;
+        let Some(offsets) = self
+            .retrying("cannot read offsets from the store", || {
+                self.store.consumer_offsets(group)
+            })
+            .await?
+        else {
+            return Ok(false);
+        };
+        self.floors = offsets
+            .into_iter()
+            .map(|o| (TopicPartition::new(&o.topic, o.partition), o.next_offset))
+            .collect();
+        Ok(true)
+    }
+
+    /// Runs a store operation until it succeeds, backing off on outages without committing
+    /// anything. `None` if shut down first.
+    async fn retrying<T, F, Fut>(&self, what: &str, op: F) -> Result<Option<T>, Error>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = sluice_store::Result<T>>,
+    {
         let mut attempt = 1;
         loop {
-            match self.store.consumer_offsets(&self.settings.group).await {
-                Ok(offsets) => {
-                    self.floors = offsets
-                        .into_iter()
-                        .map(|o| (TopicPartition::new(&o.topic, o.partition), o.next_offset))
-                        .collect();
-                    return Ok(true);
-                }
+            match op().await {
+                Ok(value) => return Ok(Some(value)),
                 Err(e) if e.is_transient() => {
                     self.stats.retried.fetch_add(1, Ordering::Relaxed);
                     let delay = self.settings.delay(attempt + 1);
-                    tracing::warn!(validator = %self.settings.name, error = %e, retry_in = ?delay, "cannot read offsets from the store; retrying");
+                    tracing::warn!(validator = %self.settings.name, error = %e, retry_in = ?delay, "{what}; retrying, nothing committed");
                     if !self.pause(delay).await {
-                        return Ok(false);
+                        return Ok(None);
                     }
                     attempt += 1;
                 }

@@ -15,7 +15,7 @@ use sluice_log::{
     EmbeddedLog, EmbeddedOptions, Header, Log, Producer, Record, TopicPartition, TopicSpec,
 };
 use sluice_schemas::{EventCodec, Registry, SchemaDir};
-use sluice_store::testing::TestDatabase;
+use sluice_store::testing::on_each_backend;
 use sluice_store::{DlqFilter, Store, StoreOptions};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -29,7 +29,8 @@ struct Rig {
     codec: Arc<EventCodec<Arc<Registry>>>,
 }
 
-async fn rig_on(store_url: &str, dir: tempfile::TempDir) -> Rig {
+async fn rig_on(store_url: &str) -> Rig {
+    let dir = tempfile::tempdir().unwrap();
     let log = EmbeddedLog::open(&dir.path().join("log"), EmbeddedOptions::default()).unwrap();
     log.create_topic(&TopicSpec::new("ingest.raw", 2))
         .await
@@ -59,12 +60,7 @@ where
     F: Fn(Rig) -> Fut,
     Fut: Future<Output = ()>,
 {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("sluice.db").display());
-    body(rig_on(&url, dir).await).await;
-    let db = TestDatabase::create().await;
-    body(rig_on(&db.url, tempfile::tempdir().unwrap()).await).await;
-    db.drop_now().await;
+    on_each_backend(async |url| body(rig_on(&url).await).await).await;
 }
 
 fn reading(device: &str, at: chrono::DateTime<Utc>) -> serde_json::Value {

@@ -12,7 +12,7 @@ use serde_json::json;
 use sluice_core::{Event, EventType, Source};
 use sluice_log::{Consumer, EmbeddedLog, EmbeddedOptions, Log, TopicSpec};
 use sluice_outbox_relay::{Error, Settings, Stats};
-use sluice_store::testing::TestDatabase;
+use sluice_store::testing::on_each_backend;
 use sluice_store::{AppendBatch, AppendEvent, Store, StoreOptions};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -26,7 +26,8 @@ struct Rig {
     store: Store,
 }
 
-async fn rig_on(store_url: &str, dir: tempfile::TempDir) -> Rig {
+async fn rig_on(store_url: &str) -> Rig {
+    let dir = tempfile::tempdir().unwrap();
     let log = EmbeddedLog::open(&dir.path().join("log"), EmbeddedOptions::default()).unwrap();
     log.create_topic(&TopicSpec::new(TOPIC, 4)).await.unwrap();
     let store = Store::connect(store_url, StoreOptions::default())
@@ -46,12 +47,7 @@ where
     F: Fn(Rig) -> Fut,
     Fut: Future<Output = ()>,
 {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("sluice.db").display());
-    body(rig_on(&url, dir).await).await;
-    let db = TestDatabase::create().await;
-    body(rig_on(&db.url, tempfile::tempdir().unwrap()).await).await;
-    db.drop_now().await;
+    on_each_backend(async |url| body(rig_on(&url).await).await).await;
 }
 
 /// An outbox-bound event whose value is "<aggregate>/<seq>", so the topic can be checked
