@@ -21,6 +21,9 @@ pub enum Command {
     /// registry), with an optional simulated fleet.
     Dev(DevArgs),
     /// Run one processor of a topology against Kafka and PostgreSQL (or their embedded forms).
+    ///
+    /// Runs until SIGINT or SIGTERM, then finishes the batch in hand and exits 0. Kinds available
+    /// in this build: ingest-validator and outbox-relay. Counters are logged every 10 s.
     Run(RunArgs),
     /// Check and draw topology files.
     #[command(subcommand)]
@@ -42,6 +45,9 @@ pub enum Command {
     /// Create, list and revoke API keys.
     Keys(PendingArgs),
     /// Apply the store's schema migrations.
+    ///
+    /// Idempotent, and safe to run from several processes at once. Prints what it did; exits 1
+    /// with the reason when the store cannot be reached or migrated.
     Migrate(MigrateArgs),
     /// Run a benchmark and print its figures.
     #[command(subcommand)]
@@ -66,11 +72,29 @@ pub struct DevArgs {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// The processor's name in the topology.
+    /// The processor's name in the topology (e.g. ingest-validator).
     pub processor: String,
     /// The topology file.
     #[arg(long, env = "SLUICE__TOPOLOGY")]
     pub topology: PathBuf,
+    /// The log: embedded://DIR (one process per folder) or kafka://host:port[,host:port].
+    /// Topics missing on the embedded log are created with the topology's partitions.
+    #[arg(long, env = "SLUICE__LOG")]
+    pub log: Option<String>,
+    /// The store: postgres://USER@HOST:PORT/DB or sqlite://PATH.
+    #[arg(long, env = "SLUICE__STORE")]
+    pub store: Option<String>,
+    /// The schemas folder, registered in an in-process registry [default: ./schemas, else the
+    /// schemas folder beside the topology's folder].
+    #[arg(long, env = "SLUICE__SCHEMAS", conflicts_with = "registry")]
+    pub schemas: Option<PathBuf>,
+    /// A Confluent-compatible schema registry (http://host:port) to use instead of the
+    /// schemas folder.
+    #[arg(long, env = "SLUICE__REGISTRY", value_name = "URL")]
+    pub registry: Option<String>,
+    /// Apply the store's migrations before starting (as `sluice migrate` does).
+    #[arg(long)]
+    pub migrate: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -167,7 +191,8 @@ pub struct SqlArgs {
 
 #[derive(Debug, Args)]
 pub struct MigrateArgs {
-    /// The store (postgres://… or sqlite://DIR/sluice.db).
+    /// The store: postgres://USER@HOST:PORT/DB or sqlite://PATH (the file and its folder are
+    /// created when missing).
     #[arg(long, env = "SLUICE__STORE")]
     pub store: String,
 }
@@ -177,6 +202,21 @@ pub enum BenchCommand {
     /// Produce messages while a consumer group reads them back with commits; print produce and
     /// consume throughput and produce-to-consume latency.
     Log(BenchLogArgs),
+    /// Push raw JSON readings through the ingest-validator and the outbox-relay in one process;
+    /// print append and relay throughput, relay lag, and a raw COPY baseline (PostgreSQL).
+    ///
+    /// Produces N raw sensor.reading events (JSON, distinct event ids, keyed by device) to a raw
+    /// topic of its own while an ingest-validator appends them to the store and an outbox-relay
+    /// publishes them to an events topic of its own, which a consumer group reads back.
+    /// Measured from the first produce: events/s appended (the store has all N), events/s
+    /// relayed (the relay published all N and all N were read back), and the relay lag (time
+    /// read back minus ingested_at). On PostgreSQL it then COPYs the same rows into scratch
+    /// tables like the store's (dropped afterwards) for a baseline; SQLite has none.
+    ///
+    /// The store is migrated first, and the bench's events stay in it (they are real events).
+    /// Its relay drains the whole outbox, so it refuses a store whose outbox is not empty: do
+    /// not point it at a store another relay serves.
+    Ingest(BenchIngestArgs),
     /// The whole default topology on pre-generated input.
     Pipeline(PendingArgs),
 }
@@ -203,6 +243,42 @@ pub struct BenchLogArgs {
     /// absent.
     #[arg(long)]
     pub rate: Option<u64>,
+    /// Print the figures as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchIngestArgs {
+    /// The store: postgres://USER@HOST:PORT/DB or sqlite://PATH.
+    #[arg(long, env = "SLUICE__STORE")]
+    pub store: String,
+    /// The log: embedded://DIR, kafka://host:port[,host:port], or kafka-mock:// (an in-process
+    /// mock Kafka cluster started for the run).
+    #[arg(long, env = "SLUICE__LOG")]
+    pub log: String,
+    /// Events to push through.
+    #[arg(long, default_value_t = 100_000)]
+    pub events: u64,
+    /// Raw records per produce call.
+    #[arg(long, default_value_t = 1_000)]
+    pub batch: usize,
+    /// Distinct devices (message keys and aggregate ids).
+    #[arg(long, default_value_t = 1_000)]
+    pub devices: u64,
+    /// Produce at this many events per second (for the relay lag at a given load); unpaced
+    /// when absent.
+    #[arg(long)]
+    pub rate: Option<u64>,
+    /// Partitions of the bench's raw and events topics.
+    #[arg(long, default_value_t = 6)]
+    pub partitions: u32,
+    /// Most events per store transaction (validator) and per publish pass (relay).
+    #[arg(long, default_value_t = 500)]
+    pub append_batch: usize,
+    /// The schemas folder.
+    #[arg(long, env = "SLUICE__SCHEMAS", default_value = "schemas")]
+    pub schemas: PathBuf,
     /// Print the figures as JSON.
     #[arg(long)]
     pub json: bool,

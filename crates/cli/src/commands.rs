@@ -8,8 +8,8 @@ use anyhow::{Context, Result, bail};
 use sluice_schemas::{Registry, SchemaDir};
 
 use crate::cli::{
-    BenchCommand, BenchLogArgs, Cli, Command, GraphFormat, RegistryCommand, SchemasCommand,
-    TopologyCommand,
+    BenchCommand, BenchLogArgs, Cli, Command, GraphFormat, MigrateArgs, RegistryCommand,
+    SchemasCommand, TopologyCommand,
 };
 
 /// Exit code of a command that is not available in this build.
@@ -28,28 +28,81 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             schemas,
         }) => registry_serve(addr, &data_dir, schemas.as_deref()),
         Command::Dev(_) => not_available("dev", "issue 5 (the edge and the all-in-one mode)"),
-        Command::Run(_) => not_available("run", "issue 3 (the log and the processor runtime)"),
+        Command::Run(args) => crate::run::run(&args),
         Command::Simulate(_) => not_available("simulate", "issue 5 (the fleet simulator)"),
         Command::Sql(_) => not_available("sql", "issue 6 (the SQL endpoint)"),
         Command::Replay(_) => not_available("replay", "issue 9 (operator replay)"),
         Command::Dlq(_) => not_available("dlq", "issue 9 (dead letters)"),
         Command::Keys(_) => not_available("keys", "issue 5 (API keys)"),
-        Command::Migrate(_) => not_available("migrate", "issue 4 (the store)"),
+        Command::Migrate(args) => migrate(&args),
         Command::Bench(BenchCommand::Log(args)) => bench_log(&args),
+        Command::Bench(BenchCommand::Ingest(args)) => crate::bench_ingest::bench_ingest(&args),
         Command::Bench(BenchCommand::Pipeline(_)) => {
             not_available("bench pipeline", "issue 11 (the benchmark suite)")
         }
     }
 }
 
-fn not_available(command: &str, comes_with: &str) -> Result<ExitCode> {
+pub(crate) fn not_available(command: &str, comes_with: &str) -> Result<ExitCode> {
     eprintln!("sluice {command} is not available in this build yet: it arrives with {comes_with}.");
     Ok(ExitCode::from(NOT_AVAILABLE))
 }
 
+/// A usage error found after parsing (a flag needed only in some cases): one line, exit 2.
+pub(crate) fn usage_error(message: &str) -> Result<ExitCode> {
+    eprintln!("error: {message}");
+    Ok(ExitCode::from(2))
+}
+
+/// The async runtime of commands that do I/O.
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// `url` with its password, if any, replaced by `***`, for messages and logs.
+pub(crate) fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{scheme}://{user}:***@{host}{path}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+fn migrate(args: &MigrateArgs) -> Result<ExitCode> {
+    use sluice_store::{Store, StoreOptions};
+    let url = redact(&args.store);
+    runtime()?.block_on(async {
+        let store = Store::connect(&args.store, StoreOptions::default())
+            .await
+            .with_context(|| format!("cannot open the store {url}"))?;
+        // No events table yet means this run creates the schema; the store has no other way
+        // to say what a migration did.
+        let fresh = store.event_count().await.is_err();
+        let migrated = store.migrate().await;
+        store.close().await;
+        migrated.with_context(|| format!("cannot migrate {url}"))?;
+        let what = if fresh {
+            "schema created, up to date"
+        } else {
+            "up to date"
+        };
+        println!("migrated {url}: {what}");
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
 /// The schemas folder for a topology: the one given, else `./schemas`, else the `schemas`
 /// folder beside the topology's folder (`topologies/x.yaml` → `schemas/`).
-fn schemas_for(topology: &Path, given: Option<&Path>) -> Result<PathBuf> {
+pub(crate) fn schemas_for(topology: &Path, given: Option<&Path>) -> Result<PathBuf> {
     if let Some(dir) = given {
         return Ok(dir.to_owned());
     }
@@ -69,7 +122,7 @@ fn schemas_for(topology: &Path, given: Option<&Path>) -> Result<PathBuf> {
         })
 }
 
-fn load_schemas(dir: &Path) -> Result<SchemaDir> {
+pub(crate) fn load_schemas(dir: &Path) -> Result<SchemaDir> {
     SchemaDir::load(dir).map_err(|problems| match &problems[..] {
         [one] => anyhow::anyhow!("{one}"),
         many => {

@@ -1,10 +1,15 @@
-//! The `sluice` binary as a user runs it: exit codes, what it prints, and a registry it serves.
+//! The `sluice` binary as a user runs it: exit codes, what it prints, a registry it serves,
+//! migrations, processors it runs, and the ingest bench.
 
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::Duration;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use sluice_store::testing::TestDatabase;
+use sluice_store::{Store, StoreOptions};
 
 fn repo() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
@@ -44,7 +49,6 @@ fn commands_of_later_components_say_so_and_exit_2() {
         &["dev"][..],
         &["run", "projector", "--topology", "topologies/default.yaml"],
         &["dlq", "list"],
-        &["migrate", "--store", "sqlite://x.db"],
     ] {
         let out = sluice(args);
         assert_eq!(out.status.code(), Some(2), "{args:?}");
@@ -299,6 +303,323 @@ fn bench_log_refuses_an_unknown_log_url() {
     assert_eq!(out.status.code(), Some(1));
     assert!(
         text(&out.stderr).contains("invalid log URL"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+/// Runs `sluice migrate` twice on `url`: the first creates the schema, the second finds it up
+/// to date; then the store answers on it.
+fn migrate_twice(url: &str) {
+    let first = sluice(&["migrate", "--store", url]);
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    let said = text(&first.stdout);
+    assert!(
+        said.starts_with("migrated ") && said.contains("schema created"),
+        "{said}"
+    );
+
+    let second = sluice(&["migrate", "--store", url]);
+    assert!(second.status.success(), "{}", text(&second.stderr));
+    let said = text(&second.stdout);
+    assert!(said.trim_end().ends_with(": up to date"), "{said}");
+    assert!(!said.contains("created"), "{said}");
+
+    block_on(async {
+        let store = Store::connect(url, StoreOptions::default()).await.unwrap();
+        assert_eq!(store.event_count().await.unwrap(), 0);
+        assert_eq!(store.outbox_depth().await.unwrap(), 0);
+        store.close().await;
+    });
+}
+
+#[test]
+fn migrate_creates_the_schema_once_on_a_fresh_sqlite_file() {
+    let dir = tempfile::tempdir().unwrap();
+    migrate_twice(&format!("sqlite://{}/new/sluice.db", dir.path().display()));
+}
+
+#[test]
+fn migrate_creates_the_schema_once_on_a_fresh_postgres_database() {
+    let db = block_on(TestDatabase::create());
+    migrate_twice(&db.url);
+    block_on(db.drop_now());
+}
+
+#[test]
+fn migrate_refuses_an_unknown_store_url_in_one_line() {
+    let out = sluice(&["migrate", "--store", "mysql://localhost/x"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("mysql://localhost/x") && err.contains("sqlite://PATH"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty());
+}
+
+fn bench_ingest_json(store: &str, log_dir: &Path) -> serde_json::Value {
+    let log = format!("embedded://{}", log_dir.display());
+    let out = sluice(&[
+        "bench",
+        "ingest",
+        "--store",
+        store,
+        "--log",
+        &log,
+        "--events",
+        "2000",
+        "--batch",
+        "250",
+        "--devices",
+        "50",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("100% relayed"),
+        "no progress: {}",
+        text(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["events"], 2000, "{report}");
+    assert_eq!(report["appended"], 2000, "{report}");
+    assert_eq!(report["published"], 2000, "{report}");
+    assert_eq!(report["relayed"], 2000, "{report}");
+    for field in [
+        "produce_events_per_s",
+        "appended_events_per_s",
+        "relayed_events_per_s",
+    ] {
+        assert!(
+            report[field].as_f64().is_some_and(|v| v > 0.0),
+            "{field}: {report}"
+        );
+    }
+    let lag = &report["relay_lag_ms"];
+    assert!(lag["p50"].as_f64().unwrap() >= 0.0, "{report}");
+    assert!(lag["p50"].as_f64().unwrap() <= lag["p99"].as_f64().unwrap());
+    assert!(lag["p99"].as_f64().unwrap() <= lag["max"].as_f64().unwrap());
+    report
+}
+
+#[test]
+fn bench_ingest_on_the_embedded_log_and_sqlite_relays_every_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite://{}/sluice.db", dir.path().display());
+    let report = bench_ingest_json(&store, &dir.path().join("log"));
+    assert_eq!(report["store"], "sqlite");
+    assert!(report["copy_rows_per_s"].is_null(), "{report}");
+    assert!(report["appended_vs_copy"].is_null(), "{report}");
+    assert!(
+        report["copy_baseline"].as_str().unwrap().contains("SQLite"),
+        "{report}"
+    );
+    // The events are real: a second run on the same store and log adds its own.
+    bench_ingest_json(&store, &dir.path().join("log"));
+    let count = block_on(async {
+        let store = Store::connect(&store, StoreOptions::default())
+            .await
+            .unwrap();
+        let count = store.event_count().await.unwrap();
+        store.close().await;
+        count
+    });
+    // 2 × 2000, plus one warm-up event per partition per run.
+    assert_eq!(count, 2 * (2000 + 6));
+}
+
+#[test]
+fn bench_ingest_on_postgres_reports_a_copy_baseline() {
+    let db = block_on(TestDatabase::create());
+    let dir = tempfile::tempdir().unwrap();
+    let report = bench_ingest_json(&db.url, dir.path());
+    assert_eq!(report["store"], "postgres");
+    for field in [
+        "copy_rows_per_s",
+        "copy_all_tables_rows_per_s",
+        "appended_vs_copy",
+        "appended_vs_copy_all_tables",
+    ] {
+        assert!(
+            report[field].as_f64().is_some_and(|v| v > 0.0),
+            "{field}: {report}"
+        );
+    }
+    block_on(db.drop_now());
+}
+
+#[test]
+fn bench_ingest_refuses_a_store_with_a_waiting_outbox() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite://{}/sluice.db", dir.path().display());
+    block_on(async {
+        let s = Store::connect(
+            &store,
+            StoreOptions {
+                migrate_on_connect: true,
+                ..StoreOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+        let event = sluice_core::Event::new(
+            sluice_core::EventType::new("sensor.reading").unwrap(),
+            "dev-1",
+            chrono::Utc::now(),
+            serde_json::json!({"temperature_c": 20.0}),
+            sluice_core::Source::Http,
+        )
+        .unwrap();
+        let batch = sluice_store::AppendBatch {
+            events: vec![sluice_store::AppendEvent {
+                event,
+                topic: "events.sensor-reading".into(),
+                key: b"dev-1".to_vec(),
+                value: vec![0],
+            }],
+            ..Default::default()
+        };
+        s.append(&batch).await.unwrap();
+        s.close().await;
+    });
+    let log = format!("embedded://{}/log", dir.path().display());
+    let out = sluice(&[
+        "bench", "ingest", "--store", &store, "--log", &log, "--events", "10",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("outbox has 1 entries waiting"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+/// Starts `sluice run <processor>` on a fresh embedded log and SQLite store, waits for its
+/// start line, sends SIGTERM and expects a clean exit within 10 s.
+fn run_until_sigterm(processor: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", processor, "--topology", "topologies/default.yaml"])
+        .arg("--log")
+        .arg(format!("embedded://{}/log", dir.path().display()))
+        .arg("--store")
+        .arg(format!("sqlite://{}/s.db", dir.path().display()))
+        .arg("--migrate")
+        .env_remove("SLUICE_LOG")
+        .env_remove("SLUICE_LOG_FORMAT")
+        .current_dir(repo())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Every stderr line, as it comes, on a thread of its own.
+    let (lines_tx, lines) = mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) => {
+                let started = line.contains(" started");
+                seen.push(line);
+                if started {
+                    break;
+                }
+            }
+            Err(e) => {
+                let _ = child.kill();
+                panic!(
+                    "{processor} did not log its start ({e}):\n{}",
+                    seen.join("\n")
+                );
+            }
+        }
+    }
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait());
+    });
+    let status = rx
+        .recv_timeout(Duration::from_secs(10))
+        .unwrap_or_else(|_| panic!("{processor} did not stop within 10 s of SIGTERM"))
+        .unwrap();
+    seen.extend(lines.try_iter());
+    assert_eq!(status.code(), Some(0), "{}", seen.join("\n"));
+    assert!(
+        seen.iter()
+            .any(|l| l.contains("stopped") && l.contains("ok=true")),
+        "{}",
+        seen.join("\n")
+    );
+}
+
+#[test]
+fn run_ingest_validator_starts_and_stops_cleanly_on_sigterm() {
+    run_until_sigterm("ingest-validator");
+}
+
+#[test]
+fn run_outbox_relay_starts_and_stops_cleanly_on_sigterm() {
+    run_until_sigterm("outbox-relay");
+}
+
+#[test]
+fn run_lists_the_topology_processors_when_the_name_is_unknown() {
+    let out = sluice(&[
+        "run",
+        "ingest-validatr",
+        "--topology",
+        "topologies/default.yaml",
+        "--log",
+        "embedded:///nonexistent",
+        "--store",
+        "sqlite:///nonexistent/s.db",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("ingest-validatr") && err.contains("ingest-validator, outbox-relay"),
+        "{err}"
+    );
+}
+
+#[test]
+fn run_without_a_store_is_a_usage_error() {
+    let out = sluice(&[
+        "run",
+        "outbox-relay",
+        "--topology",
+        "topologies/default.yaml",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("--store"),
         "{}",
         text(&out.stderr)
     );

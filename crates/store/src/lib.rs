@@ -19,6 +19,7 @@ use serde::Deserialize;
 use sluice_runtime::{BoxError as RuntimeBoxError, DeadLetter, DlqSink};
 use uuid::Uuid;
 
+pub mod bench;
 mod error;
 mod model;
 mod postgres;

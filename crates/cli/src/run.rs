@@ -1,0 +1,345 @@
+//! `sluice run <processor>`: one processor of a topology, on the log and store given, until
+//! SIGINT or SIGTERM. The processors' own crates do the work; this wires them from the
+//! topology (config, input, routes), makes missing topics on the embedded log, logs a start
+//! line and counters every 10 s, and shuts down cleanly.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use sluice_log::{EmbeddedLog, KafkaLog, Log, TopicSpec};
+use sluice_schemas::{EventCodec, HttpRegistry, Registry, SchemaSource};
+use sluice_store::{Store, StoreOptions};
+use sluice_topology::{Kind, KindConfig, Processor, Topology};
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::RunArgs;
+use crate::commands::{load_schemas, not_available, redact, runtime, schemas_for, usage_error};
+
+/// Partitions of a topic the topology does not declare.
+const DEFAULT_PARTITIONS: u32 = 6;
+/// How often the counters are logged.
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+
+pub fn run(args: &RunArgs) -> Result<ExitCode> {
+    let topology = load_topology(&args.topology)?;
+    let Some(processor) = topology.processor(&args.processor) else {
+        let names: Vec<&str> = topology
+            .processors
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect();
+        bail!(
+            "no processor {:?} in {}; its processors are: {}",
+            args.processor,
+            args.topology.display(),
+            names.join(", ")
+        );
+    };
+    match processor.kind {
+        Kind::IngestValidator | Kind::OutboxRelay => {}
+        Kind::MqttBridge | Kind::HttpIngest => {
+            return not_available(
+                &format!("run {} (kind {})", processor.name, processor.kind),
+                "issue 5 (the edge)",
+            );
+        }
+        Kind::Projector | Kind::Inferencer | Kind::ActionRouter | Kind::Executor => {
+            return not_available(
+                &format!("run {} (kind {})", processor.name, processor.kind),
+                "a later issue (projections, inference and actions)",
+            );
+        }
+    }
+    let (Some(log_url), Some(store_url)) = (args.log.as_deref(), args.store.as_deref()) else {
+        return usage_error(&format!(
+            "sluice run {} needs --log URL and --store URL (or SLUICE__LOG and SLUICE__STORE)",
+            processor.name
+        ));
+    };
+    runtime()?.block_on(async {
+        let opts = StoreOptions {
+            migrate_on_connect: args.migrate,
+            ..StoreOptions::default()
+        };
+        let store = Store::connect(store_url, opts)
+            .await
+            .with_context(|| format!("cannot open the store {}", redact(store_url)))?;
+        let wiring = Wiring {
+            topology: &topology,
+            processor,
+            args,
+            log_url,
+            store_url,
+        };
+        let result = if log_url.starts_with("embedded://") {
+            wiring
+                .on(EmbeddedLog::from_url(log_url)?, &store, true)
+                .await
+        } else if log_url.starts_with("kafka://") {
+            wiring.on(KafkaLog::from_url(log_url)?, &store, false).await
+        } else {
+            Err(anyhow!(
+                "invalid log URL {log_url:?}: expected embedded://DIR or kafka://host:port \
+                 (kafka-mock:// lives inside one process and is for `sluice bench` only)"
+            ))
+        };
+        store.close().await;
+        result.map(|()| ExitCode::SUCCESS)
+    })
+}
+
+fn load_topology(path: &Path) -> Result<Topology> {
+    sluice_topology::load(path).map_err(|issues| {
+        let lines: Vec<String> = issues.iter().map(ToString::to_string).collect();
+        anyhow!(
+            "{} has {} problem(s); `sluice topology validate` shows them:\n  {}",
+            path.display(),
+            issues.len(),
+            lines.join("\n  ")
+        )
+    })
+}
+
+/// One processor of a topology and where it runs.
+struct Wiring<'a> {
+    topology: &'a Topology,
+    processor: &'a Processor,
+    args: &'a RunArgs,
+    log_url: &'a str,
+    store_url: &'a str,
+}
+
+impl Wiring<'_> {
+    async fn on<L: Log>(&self, log: L, store: &Store, create_topics: bool) -> Result<()> {
+        let p = self.processor;
+        let topics: Vec<&str> = match p.kind {
+            Kind::IngestValidator => p.inputs.iter().map(String::as_str).collect(),
+            _ => p.outputs.values().map(String::as_str).collect(),
+        };
+        ensure_topics(&log, self.topology, &topics, create_topics).await?;
+        // Registered before the start line: once it is out, SIGTERM means a clean stop.
+        let token = CancellationToken::new();
+        cancel_on_signals(token.clone())?;
+        match p.kind {
+            Kind::IngestValidator => match &self.args.registry {
+                Some(url) => {
+                    let registry = HttpRegistry::new(url)
+                        .with_context(|| format!("cannot use the schema registry {url}"))?;
+                    self.validator(&log, store, registry, token).await
+                }
+                None => {
+                    let dir = schemas_for(&self.args.topology, self.args.schemas.as_deref())?;
+                    let registry = Arc::new(Registry::in_memory());
+                    registry
+                        .register_dir(&load_schemas(&dir)?)
+                        .with_context(|| {
+                            format!("cannot register the schemas of {}", dir.display())
+                        })?;
+                    self.validator(&log, store, registry, token).await
+                }
+            },
+            _ => self.relay(&log, store, token).await,
+        }
+    }
+
+    async fn validator<L: Log, S: SchemaSource + 'static>(
+        &self,
+        log: &L,
+        store: &Store,
+        schemas: S,
+        token: CancellationToken,
+    ) -> Result<()> {
+        use sluice_ingest_validator::{Settings, Stats};
+        let p = self.processor;
+        let input = match p.inputs.as_slice() {
+            [one] => one,
+            other => bail!(
+                "ingest-validator {} reads exactly one input topic; the topology gives it {}",
+                p.name,
+                other.len()
+            ),
+        };
+        let mut settings = Settings::new(&p.name, input);
+        settings.routes = routes(self.topology);
+        if let KindConfig::IngestValidator(config) = &p.config {
+            settings.config = config.clone();
+        }
+        let codec = EventCodec::new(schemas);
+        let stats = Arc::new(Stats::default());
+        tracing::info!(
+            processor = %p.name,
+            kind = %p.kind,
+            input = %input,
+            routes = ?settings.routes,
+            log = %self.log_url,
+            store = %redact(self.store_url),
+            "started"
+        );
+        let progress = {
+            let stats = stats.clone();
+            let name = p.name.clone();
+            let mut previous = 0;
+            every(PROGRESS_EVERY, move || {
+                let appended = stats.appended.load(Ordering::Relaxed);
+                tracing::info!(
+                    processor = %name,
+                    appended,
+                    appended_per_s = rate(&mut previous, appended),
+                    duplicates = stats.duplicates.load(Ordering::Relaxed),
+                    rejected = stats.rejected.load(Ordering::Relaxed),
+                    skipped = stats.skipped.load(Ordering::Relaxed),
+                    retried = stats.retried.load(Ordering::Relaxed),
+                    batches = stats.batches.load(Ordering::Relaxed),
+                    "progress"
+                );
+            })
+        };
+        let result = sluice_ingest_validator::run(&settings, log, store, &codec, &stats, token)
+            .await
+            .map_err(anyhow::Error::from);
+        progress.abort();
+        tracing::info!(
+            processor = %p.name,
+            appended = stats.appended.load(Ordering::Relaxed),
+            duplicates = stats.duplicates.load(Ordering::Relaxed),
+            rejected = stats.rejected.load(Ordering::Relaxed),
+            ok = result.is_ok(),
+            "stopped"
+        );
+        result
+    }
+
+    async fn relay<L: Log>(&self, log: &L, store: &Store, token: CancellationToken) -> Result<()> {
+        use sluice_outbox_relay::{Settings, Stats};
+        let p = self.processor;
+        let mut settings = Settings::new(&p.name);
+        if let KindConfig::OutboxRelay(config) = &p.config {
+            settings.config = config.clone();
+        }
+        let stats = Arc::new(Stats::default());
+        tracing::info!(
+            processor = %p.name,
+            kind = %p.kind,
+            outputs = ?p.outputs,
+            log = %self.log_url,
+            store = %redact(self.store_url),
+            "started (run one outbox-relay per store)"
+        );
+        let progress = {
+            let stats = stats.clone();
+            let name = p.name.clone();
+            let mut previous = 0;
+            every(PROGRESS_EVERY, move || {
+                let published = stats.published.load(Ordering::Relaxed);
+                tracing::info!(
+                    processor = %name,
+                    published,
+                    published_per_s = rate(&mut previous, published),
+                    failed = stats.failed.load(Ordering::Relaxed),
+                    passes = stats.passes.load(Ordering::Relaxed),
+                    "progress"
+                );
+            })
+        };
+        let result = sluice_outbox_relay::run(&settings, log, store, &stats, token)
+            .await
+            .map_err(anyhow::Error::from);
+        progress.abort();
+        tracing::info!(
+            processor = %p.name,
+            published = stats.published.load(Ordering::Relaxed),
+            failed = stats.failed.load(Ordering::Relaxed),
+            ok = result.is_ok(),
+            "stopped"
+        );
+        result
+    }
+}
+
+/// Event type → topic, from every outbox-relay's outputs: where the validator's outbox entries
+/// must go for the relay to publish them where the topology says.
+fn routes(topology: &Topology) -> BTreeMap<String, String> {
+    topology
+        .processors
+        .iter()
+        .filter(|p| p.kind == Kind::OutboxRelay)
+        .flat_map(|p| p.outputs.clone())
+        .collect()
+}
+
+/// Creates the topics missing on the log (embedded: `create`), with the topology's partitions
+/// and retention; on Kafka a missing topic is only warned about (topics are provisioned there).
+async fn ensure_topics<L: Log>(
+    log: &L,
+    topology: &Topology,
+    names: &[&str],
+    create: bool,
+) -> Result<()> {
+    for &name in names {
+        match log.partitions(name).await {
+            Ok(_) => {}
+            Err(sluice_log::Error::UnknownTopic(_)) if create => {
+                let declared = topology.topic(name);
+                let spec = TopicSpec {
+                    retention: declared.map(|t| t.retention),
+                    ..TopicSpec::new(name, declared.map_or(DEFAULT_PARTITIONS, |t| t.partitions))
+                };
+                log.create_topic(&spec)
+                    .await
+                    .with_context(|| format!("cannot create topic {name}"))?;
+                tracing::info!(topic = name, partitions = spec.partitions, "topic created");
+            }
+            Err(sluice_log::Error::UnknownTopic(_)) => {
+                tracing::warn!(topic = name, "topic does not exist on the log; create it");
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot look up topic {name}")),
+        }
+    }
+    Ok(())
+}
+
+/// Calls `f` every `period` (not at once), on its own task.
+fn every(period: Duration, mut f: impl FnMut() + Send + 'static) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        loop {
+            tick.tick().await;
+            f();
+        }
+    })
+}
+
+/// Events per second since the previous call, given the counter now.
+fn rate(previous: &mut u64, now: u64) -> f64 {
+    let per_s = now.saturating_sub(*previous) as f64 / PROGRESS_EVERY.as_secs_f64();
+    *previous = now;
+    (per_s * 10.0).round() / 10.0
+}
+
+/// Cancels `token` on SIGINT or SIGTERM. Unlike `sluice_runtime::cancel_on_signals`, the
+/// handlers are installed before this returns, so a signal sent right after the start line
+/// stops the processor cleanly instead of killing the process.
+fn cancel_on_signals(token: CancellationToken) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+        let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = interrupt.recv() => {}
+            }
+            tracing::info!("shutdown requested");
+            token.cancel();
+        });
+    }
+    #[cfg(not(unix))]
+    sluice_runtime::cancel_on_signals(token);
+    Ok(())
+}
