@@ -532,6 +532,7 @@ fn check_validator(c: &IngestValidatorConfig, at: &str, out: &mut Vec<Issue>) {
         format!("{at}.max_payload_bytes"),
         out,
     );
+    at_least_one(as_u64(c.appenders), format!("{at}.appenders"), out);
     for (event_type, fields) in &c.ranges {
         for (field, range) in fields {
             if let (Some(min), Some(max)) = (range.min, range.max)

@@ -197,6 +197,8 @@ pub struct IngestValidatorConfig {
     /// Largest raw message accepted, in bytes; larger ones are rejected to the DLQ.
     /// Default: `65536`.
     pub max_payload_bytes: usize,
+    /// Store transactions in flight at once, each for its own partitions. Default: `2`.
+    pub appenders: usize,
     /// How far ahead of the validator's clock a device time may be. Default: `5m`.
     #[serde(with = "humantime_serde")]
     pub max_future: Duration,
@@ -213,6 +215,7 @@ impl Default for IngestValidatorConfig {
         IngestValidatorConfig {
             batch_size: 500,
             max_payload_bytes: 65_536,
+            appenders: 2,
             max_future: Duration::from_secs(5 * 60),
             max_past: Duration::from_secs(7 * 24 * 3600),
             ranges: BTreeMap::new(),

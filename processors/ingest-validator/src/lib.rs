@@ -210,13 +210,23 @@ impl<S: SchemaSource> Worker<'_, S> {
                 // Shut down during an outage: nothing appended, all of it is read again.
                 break;
             };
-            if !self.append(&prepared.batch).await? {
+            // One transaction per group of partitions, at once: each partition's offsets are
+            // its own rows, so they never conflict, and the database gets busy on both cores.
+            let appended =
+                futures::future::join_all(prepared.batches.iter().map(|b| self.append(b))).await;
+            let mut all = true;
+            for done in appended {
+                all &= done?;
+            }
+            if !all {
+                // Shut down mid-outage: what was appended is in the store's offsets; the log
+                // commit waits for the next run, which skips it.
                 break;
             }
             if self.settings.crash_after_append {
                 return Err(Error::Crashed(name.clone()));
             }
-            for offset in &prepared.batch.offsets {
+            for offset in prepared.batches.iter().flat_map(|b| &b.offsets) {
                 self.floors.insert(
                     TopicPartition::new(&offset.topic, offset.partition),
                     offset.next_offset,
@@ -238,12 +248,10 @@ impl<S: SchemaSource> Worker<'_, S> {
         Ok(())
     }
 
-    /// Validates a polled batch into one store transaction. `None` if shut down meanwhile.
+    /// Validates a polled batch into up to `appenders` store transactions. `None` if shut down meanwhile.
     async fn prepare(&self, batch: Vec<sluice_log::Message>) -> Option<Prepared> {
         let settings = self.settings;
-        let mut events = Vec::new();
-        let mut dead_letters = Vec::new();
-        let mut store_next: BTreeMap<TopicPartition, i64> = BTreeMap::new();
+        let mut per_partition: BTreeMap<TopicPartition, AppendBatch> = BTreeMap::new();
         let mut log_next: BTreeMap<TopicPartition, i64> = BTreeMap::new();
         for msg in batch {
             let tp = msg.topic_partition();
@@ -252,7 +260,14 @@ impl<S: SchemaSource> Worker<'_, S> {
                 self.stats.skipped.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            store_next.insert(tp, msg.offset + 1);
+            let group = settings.group.clone();
+            let batch = per_partition.entry(tp.clone()).or_default();
+            batch.offsets = vec![ConsumerOffset {
+                group,
+                topic: tp.topic,
+                partition: tp.partition,
+                next_offset: msg.offset + 1,
+            }];
             let mut attempt = 1;
             let outcome = loop {
                 match validate(&msg, self.codec, &settings.config, Utc::now()).await {
@@ -271,7 +286,7 @@ impl<S: SchemaSource> Worker<'_, S> {
             match outcome {
                 Outcome::Valid(valid) => {
                     let Validated { event, value } = *valid;
-                    events.push(AppendEvent {
+                    batch.events.push(AppendEvent {
                         topic: settings.topic_for(&event.event_type),
                         key: event.aggregate_id.as_bytes().to_vec(),
                         value,
@@ -280,7 +295,7 @@ impl<S: SchemaSource> Worker<'_, S> {
                 }
                 Outcome::Rejected(reject) => {
                     tracing::debug!(validator = %settings.name, topic = %msg.topic, partition = msg.partition, offset = msg.offset, class = reject.class, reason = %reject.message, "rejected");
-                    dead_letters.push(NewDeadLetter::from(DeadLetter {
+                    batch.dead_letters.push(NewDeadLetter::from(DeadLetter {
                         processor: settings.name.clone(),
                         event_id: reject.event_id,
                         topic: msg.topic.clone(),
@@ -297,23 +312,19 @@ impl<S: SchemaSource> Worker<'_, S> {
                 Outcome::Transient(_) => unreachable!("retried above"),
             }
         }
-        let offsets = store_next
-            .into_iter()
-            .map(|(tp, next_offset)| ConsumerOffset {
-                group: settings.group.clone(),
-                topic: tp.topic,
-                partition: tp.partition,
-                next_offset,
-            })
-            .collect();
-        Some(Prepared {
-            batch: AppendBatch {
-                events,
-                dead_letters,
-                offsets,
-            },
-            log_next,
-        })
+        let appenders = settings.config.appenders.max(1);
+        let mut batches: Vec<AppendBatch> = Vec::new();
+        for (i, batch) in per_partition.into_values().enumerate() {
+            if i < appenders {
+                batches.push(batch);
+            } else {
+                let into = &mut batches[i % appenders];
+                into.events.extend(batch.events);
+                into.dead_letters.extend(batch.dead_letters);
+                into.offsets.extend(batch.offsets);
+            }
+        }
+        Some(Prepared { batches, log_next })
     }
 
     /// Appends in one transaction, retrying outages. False if shut down before it succeeded.
@@ -406,7 +417,8 @@ impl<S: SchemaSource> Worker<'_, S> {
 }
 
 struct Prepared {
-    batch: AppendBatch,
+    /// One store transaction each, for disjoint sets of partitions.
+    batches: Vec<AppendBatch>,
     /// Next offset per partition for the log's commit, skipped messages included.
     log_next: BTreeMap<TopicPartition, i64>,
 }
