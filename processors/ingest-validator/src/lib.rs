@@ -142,11 +142,13 @@ pub async fn run<L: Log, S: SchemaSource>(
         .consumer(&settings.group, &[settings.input.as_str()])
         .map_err(log_err)?;
     let mut worker = Worker {
-        settings,
-        store,
+        ctx: Ctx {
+            settings,
+            store,
+            stats,
+            shutdown: &shutdown,
+        },
         codec,
-        stats,
-        shutdown: &shutdown,
         floors: HashMap::new(),
         assignment: Vec::new(),
     };
@@ -166,24 +168,47 @@ pub async fn run<L: Log, S: SchemaSource>(
     }
 }
 
-struct Worker<'a, S> {
+/// What appending needs, apart from the consumer and the validation state, so an append can
+/// run beside the next batch's validation.
+#[derive(Clone, Copy)]
+struct Ctx<'a> {
     settings: &'a Settings,
     store: &'a Store,
-    codec: &'a EventCodec<S>,
     stats: &'a Stats,
     shutdown: &'a CancellationToken,
+}
+
+struct Worker<'a, S> {
+    ctx: Ctx<'a>,
+    codec: &'a EventCodec<S>,
     /// Per partition, the next offset the store has; anything below is already stored.
     floors: HashMap<TopicPartition, i64>,
     /// The assignment the floors were loaded for.
     assignment: Vec<TopicPartition>,
 }
 
+impl<'a, S> std::ops::Deref for Worker<'a, S> {
+    type Target = Ctx<'a>;
+    fn deref(&self) -> &Ctx<'a> {
+        &self.ctx
+    }
+}
+
 impl<S: SchemaSource> Worker<'_, S> {
+    /// Polls, validates and appends, with one batch in flight: while a batch is appended and
+    /// committed, the next one is validated, so the database and the validator work at once.
     async fn run<C: Consumer>(&mut self, consumer: &mut C) -> Result<(), Error> {
         let name = &self.settings.name;
+        let mut ready: Option<Prepared> = None;
         while !self.shutdown.is_cancelled() {
+            // With a batch ready, take only what is there already: it must not wait for more.
+            let wait = if ready.is_some() {
+                Duration::ZERO
+            } else {
+                self.settings.max_wait
+            };
             let polled = tokio::select! {
-                polled = consumer.poll(self.settings.config.batch_size, self.settings.max_wait) => polled,
+                polled = consumer.poll(self.settings.config.batch_size, wait) => polled,
                 () = self.shutdown.cancelled() => break,
             };
             let batch = match polled {
@@ -196,56 +221,82 @@ impl<S: SchemaSource> Worker<'_, S> {
                 Err(e) => return Err(self.log_err(e)),
             };
             let mut assignment = consumer.assignment();
+            // A batch's partitions count as assigned even if the assignment reads otherwise,
+            // so no message is validated against floors loaded before its partition was ours.
+            for m in &batch {
+                let tp = m.topic_partition();
+                if !assignment.contains(&tp) {
+                    assignment.push(tp);
+                }
+            }
             assignment.sort();
             if assignment != self.assignment {
+                // The floors must include the batch in flight before they are read again.
+                if let Some(prepared) = ready.take()
+                    && !self.finish(consumer, prepared).await?
+                {
+                    break;
+                }
                 if !self.load_floors().await? {
                     break;
                 }
                 self.assignment = assignment;
             }
             if batch.is_empty() {
+                if let Some(prepared) = ready.take()
+                    && !self.finish(consumer, prepared).await?
+                {
+                    break;
+                }
                 continue;
             }
-            let Some(prepared) = self.prepare(batch).await else {
-                // Shut down during an outage: nothing appended, all of it is read again.
+            // The floors only matter for partitions whose batch in flight is older than this
+            // one, so validating before that batch is finished reads them correctly.
+            let (finished, prepared) = match ready.take() {
+                Some(previous) => {
+                    let ctx = self.ctx;
+                    let (finished, prepared) =
+                        tokio::join!(ctx.finish(consumer, previous), self.prepare(batch));
+                    (
+                        finished?.map(|offsets| self.raise_floors(&offsets)),
+                        prepared,
+                    )
+                }
+                None => (Some(()), self.prepare(batch).await),
+            };
+            let (Some(()), Some(prepared)) = (finished, prepared) else {
+                // Shut down during an outage: what is not appended is read again.
                 break;
             };
-            // One transaction per group of partitions, at once: each partition's offsets are
-            // its own rows, so they never conflict, and the database gets busy on both cores.
-            let appended =
-                futures::future::join_all(prepared.batches.iter().map(|b| self.append(b))).await;
-            let mut all = true;
-            for done in appended {
-                all &= done?;
-            }
-            if !all {
-                // Shut down mid-outage: what was appended is in the store's offsets; the log
-                // commit waits for the next run, which skips it.
-                break;
-            }
-            if self.settings.crash_after_append {
-                return Err(Error::Crashed(name.clone()));
-            }
-            for offset in prepared.batches.iter().flat_map(|b| &b.offsets) {
-                self.floors.insert(
-                    TopicPartition::new(&offset.topic, offset.partition),
-                    offset.next_offset,
-                );
-            }
-            for (tp, next) in prepared.log_next {
-                match consumer.store(&tp, next) {
-                    Ok(()) | Err(sluice_log::Error::NotAssigned(_)) => {}
-                    Err(e) => return Err(self.log_err(e)),
-                }
-            }
-            if let Err(e) = consumer.commit().await {
-                if !e.is_transient() {
-                    return Err(self.log_err(e));
-                }
-                tracing::warn!(validator = %name, error = %e, "log commit failed; the store has the offsets");
-            }
+            ready = Some(prepared);
+        }
+        if let Some(prepared) = ready.take() {
+            // Finish the batch in hand on the way out.
+            self.finish(consumer, prepared).await?;
         }
         Ok(())
+    }
+
+    /// Appends a prepared batch and commits its offsets on the log. False if shut down first.
+    async fn finish<C: Consumer>(
+        &mut self,
+        consumer: &mut C,
+        prepared: Prepared,
+    ) -> Result<bool, Error> {
+        let ctx = self.ctx;
+        let finished = ctx.finish(consumer, prepared).await?;
+        Ok(finished
+            .map(|offsets| self.raise_floors(&offsets))
+            .is_some())
+    }
+
+    fn raise_floors(&mut self, offsets: &[ConsumerOffset]) {
+        for offset in offsets {
+            self.floors.insert(
+                TopicPartition::new(&offset.topic, offset.partition),
+                offset.next_offset,
+            );
+        }
     }
 
     /// Validates a polled batch into up to `appenders` store transactions. `None` if shut down meanwhile.
@@ -327,6 +378,75 @@ impl<S: SchemaSource> Worker<'_, S> {
         Some(Prepared { batches, log_next })
     }
 
+    /// Reloads the store's offsets of this group. False if shut down before it succeeded.
+    async fn load_floors(&mut self) -> Result<bool, Error> {
+        let group = &self.settings.group;
+        let Some(offsets) = self
+            .retrying("cannot read offsets from the store", || {
+                self.store.consumer_offsets(group)
+            })
+            .await?
+        else {
+            return Ok(false);
+        };
+        self.floors = offsets
+            .into_iter()
+            .map(|o| (TopicPartition::new(&o.topic, o.partition), o.next_offset))
+            .collect();
+        Ok(true)
+    }
+}
+
+impl Ctx<'_> {
+    /// Appends a prepared batch and commits its offsets on the log; returns the offsets now
+    /// in the store, or `None` if shut down first.
+    async fn finish<C: Consumer>(
+        self,
+        consumer: &mut C,
+        prepared: Prepared,
+    ) -> Result<Option<Vec<ConsumerOffset>>, Error> {
+        let settings = self.settings;
+        // One transaction per group of partitions, at once: each partition's offsets are its
+        // own rows, so they never conflict.
+        let appended =
+            futures::future::join_all(prepared.batches.iter().map(|b| self.append(b))).await;
+        let mut all = true;
+        for done in appended {
+            all &= done?;
+        }
+        if !all {
+            // Shut down mid-outage: what was appended is in the store's offsets; the log
+            // commit waits for the next run, which skips it.
+            return Ok(None);
+        }
+        if settings.crash_after_append {
+            return Err(Error::Crashed(settings.name.clone()));
+        }
+        let log_err = |source| Error::Log {
+            name: settings.name.clone(),
+            source,
+        };
+        for (tp, next) in prepared.log_next {
+            match consumer.store(&tp, next) {
+                Ok(()) | Err(sluice_log::Error::NotAssigned(_)) => {}
+                Err(e) => return Err(log_err(e)),
+            }
+        }
+        if let Err(e) = consumer.commit().await {
+            if !e.is_transient() {
+                return Err(log_err(e));
+            }
+            tracing::warn!(validator = %settings.name, error = %e, "log commit failed; the store has the offsets");
+        }
+        Ok(Some(
+            prepared
+                .batches
+                .into_iter()
+                .flat_map(|b| b.offsets)
+                .collect(),
+        ))
+    }
+
     /// Appends in one transaction, retrying outages. False if shut down before it succeeded.
     async fn append(&self, batch: &AppendBatch) -> Result<bool, Error> {
         if batch.events.is_empty() && batch.dead_letters.is_empty() && batch.offsets.is_empty() {
@@ -349,24 +469,6 @@ impl<S: SchemaSource> Worker<'_, S> {
         stats
             .rejected
             .fetch_add(batch.dead_letters.len() as u64, Ordering::Relaxed);
-        Ok(true)
-    }
-
-    /// Reloads the store's offsets of this group. False if shut down before it succeeded.
-    async fn load_floors(&mut self) -> Result<bool, Error> {
-        let group = &self.settings.group;
-        let Some(offsets) = self
-            .retrying("cannot read offsets from the store", || {
-                self.store.consumer_offsets(group)
-            })
-            .await?
-        else {
-            return Ok(false);
-        };
-        self.floors = offsets
-            .into_iter()
-            .map(|o| (TopicPartition::new(&o.topic, o.partition), o.next_offset))
-            .collect();
         Ok(true)
     }
 

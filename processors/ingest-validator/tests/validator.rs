@@ -315,7 +315,7 @@ async fn a_crash_between_append_and_log_commit_stores_nothing_twice() {
         );
         assert!(
             stats.skipped.load(Ordering::Relaxed) > 0,
-            "restart skipped what was stored"
+            "restart skipped what was stored: {stats:?}"
         );
     })
     .await;
