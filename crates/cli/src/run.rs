@@ -124,7 +124,7 @@ impl Wiring<'_> {
         ensure_topics(&log, self.topology, &topics, create_topics).await?;
         // Registered before the start line: once it is out, SIGTERM means a clean stop.
         let token = CancellationToken::new();
-        cancel_on_signals(token.clone())?;
+        sluice_runtime::cancel_on_signals(token.clone()).context("cannot handle SIGINT/SIGTERM")?;
         match p.kind {
             Kind::IngestValidator => match &self.args.registry {
                 Some(url) => {
@@ -319,27 +319,4 @@ fn rate(previous: &mut u64, now: u64) -> f64 {
     let per_s = now.saturating_sub(*previous) as f64 / PROGRESS_EVERY.as_secs_f64();
     *previous = now;
     (per_s * 10.0).round() / 10.0
-}
-
-/// Cancels `token` on SIGINT or SIGTERM. Unlike `sluice_runtime::cancel_on_signals`, the
-/// handlers are installed before this returns, so a signal sent right after the start line
-/// stops the processor cleanly instead of killing the process.
-fn cancel_on_signals(token: CancellationToken) -> Result<()> {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-        let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = interrupt.recv() => {}
-            }
-            tracing::info!("shutdown requested");
-            token.cancel();
-        });
-    }
-    #[cfg(not(unix))]
-    sluice_runtime::cancel_on_signals(token);
-    Ok(())
 }

@@ -653,11 +653,29 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Cancels `token` on SIGINT or SIGTERM.
-pub fn cancel_on_signals(token: CancellationToken) {
+/// Cancels `token` on SIGINT or SIGTERM. The handlers are installed before this returns, so
+/// a signal sent right after (say, just after a start line was logged) stops the work cleanly
+/// instead of killing the process. Must be called inside a Tokio runtime.
+pub fn cancel_on_signals(token: CancellationToken) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = interrupt.recv() => {}
+            }
+            tracing::info!("shutdown requested");
+            token.cancel();
+        });
+    }
+    #[cfg(not(unix))]
     tokio::spawn(async move {
         shutdown_signal().await;
         tracing::info!("shutdown requested");
         token.cancel();
     });
+    Ok(())
 }
