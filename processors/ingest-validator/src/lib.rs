@@ -72,6 +72,9 @@ pub struct Settings {
     pub max_wait: Duration,
     /// Longest wait between retries during an outage.
     pub max_backoff: Duration,
+    /// How often the store's retention and time partitions are maintained (also once at
+    /// start): the validator is the store's writer, so it keeps the store in shape.
+    pub maintain_every: Duration,
     /// Stop right after the next append, before touching the log's offsets (crash tests).
     #[doc(hidden)]
     pub crash_after_append: bool,
@@ -88,6 +91,7 @@ impl Settings {
             config: IngestValidatorConfig::default(),
             max_wait: Duration::from_millis(50),
             max_backoff: Duration::from_secs(30),
+            maintain_every: Duration::from_secs(3600),
             crash_after_append: false,
         }
     }
@@ -200,7 +204,12 @@ impl<S: SchemaSource> Worker<'_, S> {
     async fn run<C: Consumer>(&mut self, consumer: &mut C) -> Result<(), Error> {
         let name = &self.settings.name;
         let mut ready: Option<Prepared> = None;
+        let mut maintained: Option<std::time::Instant> = None;
         while !self.shutdown.is_cancelled() {
+            if maintained.is_none_or(|at| at.elapsed() >= self.settings.maintain_every) {
+                self.maintain().await;
+                maintained = Some(std::time::Instant::now());
+            }
             // With a batch ready, take only what is there already: it must not wait for more.
             let wait = if ready.is_some() {
                 Duration::ZERO
@@ -288,6 +297,23 @@ impl<S: SchemaSource> Worker<'_, S> {
         Ok(finished
             .map(|offsets| self.raise_floors(&offsets))
             .is_some())
+    }
+
+    /// Applies retention and makes time partitions ahead. A failure is logged, not fatal:
+    /// appends work without it, and the next round tries again.
+    async fn maintain(&self) {
+        match self.store.maintain(Utc::now()).await {
+            Ok(report) => tracing::info!(
+                validator = %self.settings.name,
+                partitions_created = report.partitions_created.len(),
+                partitions_dropped = report.partitions_dropped.len(),
+                events_deleted = report.events_deleted,
+                "store maintained"
+            ),
+            Err(e) => {
+                tracing::warn!(validator = %self.settings.name, error = %e, "store maintenance failed; retrying next round");
+            }
+        }
     }
 
     fn raise_floors(&mut self, offsets: &[ConsumerOffset]) {

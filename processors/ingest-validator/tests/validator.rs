@@ -329,3 +329,41 @@ async fn a_crash_between_append_and_log_commit_stores_nothing_twice() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_validator_applies_retention_when_it_starts() {
+    on_both(|rig| async move {
+        let mut old = Event::new(
+            EventType::new("sensor.reading").unwrap(),
+            "dev-old",
+            Utc::now() - TimeDelta::days(30),
+            json!({"temperature_c": 1.0}),
+            Source::Http,
+        )
+        .unwrap();
+        old.ingested_at = old.occurred_at;
+        let (value, _) = rig.codec.encode(&old).await.unwrap();
+        rig.store
+            .append(&sluice_store::AppendBatch {
+                events: vec![sluice_store::AppendEvent {
+                    topic: "events.sensor-reading".into(),
+                    key: b"dev-old".to_vec(),
+                    value,
+                    event: old.clone(),
+                }],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(rig.store.event_count().await.unwrap(), 1);
+        let (token, task) = rig.start(settings(), Arc::new(Stats::default()));
+        until(
+            "the 30-day-old event to be removed (retention 7 days)",
+            async || rig.store.event_by_id(old.event_id).await.unwrap().is_none(),
+        )
+        .await;
+        token.cancel();
+        task.await.unwrap().unwrap();
+    })
+    .await;
+}
