@@ -85,6 +85,8 @@ pub struct KafkaLog {
     bootstrap_servers: String,
     /// Extra librdkafka properties for every client, in the order given (later wins).
     options: Vec<(String, String)>,
+    /// Extra librdkafka properties for consumers only, applied after `options`.
+    consumer_options: Vec<(String, String)>,
     operation_timeout: Duration,
     /// Created on first use, shared by clones; `None` until then.
     admin: Arc<Mutex<Option<Arc<AdminClient<DefaultClientContext>>>>>,
@@ -145,6 +147,7 @@ impl KafkaLog {
         KafkaLog {
             bootstrap_servers: bootstrap_servers.to_owned(),
             options: Vec::new(),
+            consumer_options: Vec::new(),
             operation_timeout: DEFAULT_OPERATION_TIMEOUT,
             admin: Arc::new(Mutex::new(None)),
         }
@@ -154,7 +157,11 @@ impl KafkaLog {
     /// after the consumer's whole `fetch.wait.max.ms` (a real broker answers as soon as data
     /// arrives), so the wait is shortened here or every message would wait up to 500 ms.
     pub fn on_mock(cluster: &MockCluster) -> KafkaLog {
-        KafkaLog::new(&cluster.bootstrap_servers()).with_option("fetch.wait.max.ms", "5")
+        let mut log = KafkaLog::new(&cluster.bootstrap_servers());
+        // Consumers only: producers warn about properties that are not theirs.
+        log.consumer_options
+            .push(("fetch.wait.max.ms".to_owned(), "5".to_owned()));
+        log
     }
 
     /// Sets a librdkafka property on every client this log creates (e.g. security settings,
@@ -468,7 +475,13 @@ impl fmt::Debug for KafkaConsumer {
 
 impl KafkaConsumer {
     fn start(log: &KafkaLog, group: &str, topics: &[&str]) -> Result<KafkaConsumer> {
-        let mut config = log.config(&[], CONSUMER_REQUIRED);
+        let mut config = log.config(&[], &[]);
+        for (key, value) in &log.consumer_options {
+            config.set(key, value);
+        }
+        for (key, value) in CONSUMER_REQUIRED {
+            config.set(*key, *value);
+        }
         config.set("group.id", group);
         let state = Arc::new(GroupState {
             group: group.to_owned(),
