@@ -4,6 +4,9 @@
 //! saying so, never skip.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
+
+use futures::FutureExt;
 
 use sqlx::{Connection, Executor, PgConnection};
 
@@ -89,6 +92,10 @@ where
     ))
     .await;
     let db = TestDatabase::create().await;
-    body(db.url.clone()).await;
+    // Drop the database even when the body fails, then fail as it did.
+    let result = AssertUnwindSafe(body(db.url.clone())).catch_unwind().await;
     db.drop_now().await;
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
 }
