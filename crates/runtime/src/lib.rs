@@ -118,7 +118,7 @@ impl RuntimeConfig {
             ports: BTreeMap::new(),
             max_batch: 500,
             max_wait: Duration::from_millis(50),
-            backoff: vec![Duration::from_secs(1), Duration::from_secs(2)],
+            backoff: DEFAULT_BACKOFF.to_vec(),
             max_backoff: Duration::from_secs(30),
             shutdown_deadline: Duration::from_secs(30),
         }
@@ -131,24 +131,7 @@ impl RuntimeConfig {
     }
 
     fn delay(&self, retry: u32) -> Duration {
-        // Retry 1 is immediate; then the configured waits; then doubling up to the cap.
-        if retry <= 1 {
-            return Duration::ZERO;
-        }
-        let i = (retry - 2) as usize;
-        match self.backoff.get(i) {
-            Some(d) => *d,
-            None => {
-                let last = self
-                    .backoff
-                    .last()
-                    .copied()
-                    .unwrap_or(Duration::from_secs(1));
-                let extra = (i + 1 - self.backoff.len()).min(16) as u32;
-                last.saturating_mul(2u32.saturating_pow(extra))
-                    .min(self.max_backoff)
-            }
-        }
+        backoff_delay(&self.backoff, self.max_backoff, retry)
     }
 }
 
@@ -632,6 +615,58 @@ enum EncodeError {
     Invalid(String),
 }
 
+/// The wait before retry `retry` of a transient failure: retry 1 is immediate, then the
+/// `steps`, then the last step doubling up to `max` (1 s, 2 s, 4 s, … for `[1 s, 2 s]`).
+pub fn backoff_delay(steps: &[Duration], max: Duration, retry: u32) -> Duration {
+    if retry <= 1 {
+        return Duration::ZERO;
+    }
+    let i = (retry - 2) as usize;
+    match steps.get(i) {
+        Some(d) => *d,
+        None => {
+            let last = steps.last().copied().unwrap_or(Duration::from_secs(1));
+            let extra = (i + 1 - steps.len()).min(16) as u32;
+            last.saturating_mul(2u32.saturating_pow(extra)).min(max)
+        }
+    }
+}
+
+/// The default backoff steps: 1 s, 2 s (then 4 s, 8 s, … up to a cap).
+pub const DEFAULT_BACKOFF: [Duration; 2] = [Duration::from_secs(1), Duration::from_secs(2)];
+
+/// Runs `op` until it succeeds or fails for good, waiting `backoff_delay(DEFAULT_BACKOFF, max,
+/// failures + 1)` after each transient failure (1 s, 2 s, 4 s, …), and telling `on_retry` the
+/// error and the wait. `None` if `shutdown` fires first. Nothing may be committed meanwhile;
+/// that is the caller's side of the contract.
+pub async fn retry_transient<T, E, Fut>(
+    mut op: impl FnMut() -> Fut,
+    is_transient: impl Fn(&E) -> bool,
+    max: Duration,
+    shutdown: &CancellationToken,
+    mut on_retry: impl FnMut(&E, Duration),
+) -> Result<Option<T>, E>
+where
+    Fut: Future<Output = Result<T, E>>,
+{
+    let mut failures = 0;
+    loop {
+        match op().await {
+            Ok(value) => return Ok(Some(value)),
+            Err(e) if is_transient(&e) => {
+                failures += 1;
+                let delay = backoff_delay(&DEFAULT_BACKOFF, max, failures + 1);
+                on_retry(&e, delay);
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = shutdown.cancelled() => return Ok(None),
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Resolves on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     let interrupt = tokio::signal::ctrl_c();
@@ -678,4 +713,18 @@ pub fn cancel_on_signals(token: CancellationToken) -> std::io::Result<()> {
         token.cancel();
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_immediate_then_the_steps_then_doubling_to_the_cap() {
+        let secs =
+            |retry| backoff_delay(&DEFAULT_BACKOFF, Duration::from_secs(30), retry).as_secs();
+        let waits: Vec<u64> = (1..=8).map(secs).collect();
+        assert_eq!(waits, [0, 1, 2, 4, 8, 16, 30, 30]);
+        assert_eq!(secs(1_000), 30, "no overflow far out");
+    }
 }

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use sluice_log::{Consumer, Log, TopicPartition};
-use sluice_runtime::DeadLetter;
+use sluice_runtime::{DeadLetter, retry_transient};
 use sluice_schemas::{EventCodec, SchemaSource};
 use sluice_store::{AppendBatch, AppendEvent, ConsumerOffset, NewDeadLetter, Store};
 use tokio_util::sync::CancellationToken;
@@ -101,14 +101,6 @@ impl Settings {
             .get(event_type.as_str())
             .cloned()
             .unwrap_or_else(|| event_type.default_topic())
-    }
-
-    /// Immediate, 1 s, 2 s, then doubling up to `max_backoff`.
-    fn delay(&self, attempt: u32) -> Duration {
-        match attempt {
-            0 | 1 => Duration::ZERO,
-            n => Duration::from_secs(1u64 << (n - 2).min(16)).min(self.max_backoff),
-        }
     }
 }
 
@@ -345,20 +337,24 @@ impl<S: SchemaSource> Worker<'_, S> {
                 partition: tp.partition,
                 next_offset: msg.offset + 1,
             }];
-            let mut attempt = 1;
-            let outcome = loop {
-                match validate(&msg, self.codec, &settings.config, Utc::now()).await {
-                    Outcome::Transient(detail) => {
-                        self.stats.retried.fetch_add(1, Ordering::Relaxed);
-                        let delay = settings.delay(attempt + 1);
-                        tracing::warn!(validator = %settings.name, error = %detail, retry_in = ?delay, "schema registry unreachable; retrying");
-                        if !self.pause(delay).await {
-                            return None;
-                        }
-                        attempt += 1;
+            let validated = retry_transient(
+                || async {
+                    match validate(&msg, self.codec, &settings.config, Utc::now()).await {
+                        Outcome::Transient(detail) => Err(detail),
+                        done => Ok(done),
                     }
-                    done => break done,
-                }
+                },
+                |_| true,
+                settings.max_backoff,
+                self.shutdown,
+                |detail, delay| {
+                    self.stats.retried.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(validator = %settings.name, error = %detail, retry_in = ?delay, "schema registry unreachable; retrying");
+                },
+            )
+            .await;
+            let Ok(Some(outcome)) = validated else {
+                return None;
             };
             match outcome {
                 Outcome::Valid(valid) => {
@@ -505,27 +501,21 @@ impl Ctx<'_> {
         F: Fn() -> Fut,
         Fut: Future<Output = sluice_store::Result<T>>,
     {
-        let mut attempt = 1;
-        loop {
-            match op().await {
-                Ok(value) => return Ok(Some(value)),
-                Err(e) if e.is_transient() => {
-                    self.stats.retried.fetch_add(1, Ordering::Relaxed);
-                    let delay = self.settings.delay(attempt + 1);
-                    tracing::warn!(validator = %self.settings.name, error = %e, retry_in = ?delay, "{what}; retrying, nothing committed");
-                    if !self.pause(delay).await {
-                        return Ok(None);
-                    }
-                    attempt += 1;
-                }
-                Err(source) => {
-                    return Err(Error::Store {
-                        name: self.settings.name.clone(),
-                        source,
-                    });
-                }
-            }
-        }
+        retry_transient(
+            op,
+            sluice_store::Error::is_transient,
+            self.settings.max_backoff,
+            self.shutdown,
+            |e, delay| {
+                self.stats.retried.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(validator = %self.settings.name, error = %e, retry_in = ?delay, "{what}; retrying, nothing committed");
+            },
+        )
+        .await
+        .map_err(|source| Error::Store {
+            name: self.settings.name.clone(),
+            source,
+        })
     }
 
     /// Sleeps `delay` unless shut down first; true if it slept the whole time.

@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use sluice_log::{Log, Producer, Record};
+use sluice_runtime::{DEFAULT_BACKOFF, backoff_delay, retry_transient};
 use sluice_store::{OutboxEntry, OutboxListener, Store};
 use tokio_util::sync::CancellationToken;
 
@@ -74,9 +75,9 @@ impl Settings {
         }
     }
 
-    /// 1 s, 2 s, then doubling up to `max_backoff`.
+    /// 1 s, 2 s, then doubling up to `max_backoff`, after `failures` failed passes in a row.
     fn delay(&self, failures: u32) -> Duration {
-        Duration::from_secs(1u64 << failures.saturating_sub(1).min(16)).min(self.max_backoff)
+        backoff_delay(&DEFAULT_BACKOFF, self.max_backoff, failures + 1)
     }
 }
 
@@ -245,21 +246,17 @@ impl Relay<'_> {
         F: Fn() -> Fut,
         Fut: Future<Output = sluice_store::Result<T>>,
     {
-        let mut failures = 0;
-        loop {
-            match op().await {
-                Ok(value) => return Ok(Some(value)),
-                Err(e) if e.is_transient() => {
-                    failures += 1;
-                    let delay = self.settings.delay(failures);
-                    tracing::warn!(relay = %self.settings.name, error = %e, retry_in = ?delay, "cannot {what}; retrying");
-                    if !self.pause(delay).await {
-                        return Ok(None);
-                    }
-                }
-                Err(e) => return Err(self.store_err(e)),
-            }
-        }
+        retry_transient(
+            op,
+            sluice_store::Error::is_transient,
+            self.settings.max_backoff,
+            self.shutdown,
+            |e, delay| {
+                tracing::warn!(relay = %self.settings.name, error = %e, retry_in = ?delay, "cannot {what}; retrying");
+            },
+        )
+        .await
+        .map_err(|e| self.store_err(e))
     }
 
     async fn pause(&self, delay: Duration) -> bool {
