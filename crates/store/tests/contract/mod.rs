@@ -524,21 +524,14 @@ pub async fn listener_wakes_on_append<H: Harness>(h: &H) {
         "nothing appended, no wake-up"
     );
 
-    let writer = store.clone();
-    let append = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        writer
-            .append(&batch([reading("dev-1", 1, now())]))
-            .await
-            .unwrap();
-    });
+    // The wait is polled first, so it is already waiting when the append commits.
+    let one = batch([reading("dev-1", 1, now())]);
     let started = std::time::Instant::now();
-    assert!(
-        listener.wait(Duration::from_secs(10)).await.unwrap(),
-        "an append wakes the listener"
-    );
+    let (woken, appended) =
+        tokio::join!(listener.wait(Duration::from_secs(10)), store.append(&one));
+    appended.unwrap();
+    assert!(woken.unwrap(), "an append wakes the listener");
     assert!(started.elapsed() < Duration::from_secs(5));
-    append.await.unwrap();
 
     // Postgres wakes listeners of every process; SQLite only those of the same store.
     if store.backend() == Backend::Postgres {
@@ -585,6 +578,7 @@ pub async fn concurrent_writers_drain_exactly_once_in_order<H: Harness>(h: &H) {
     const BATCHES: u64 = 20;
     const AGGREGATES: u64 = 3;
     let store = h.open().await;
+    let mut listener = store.outbox_listener().await.unwrap();
 
     let mut writers = tokio::task::JoinSet::new();
     for w in 0..WRITERS {
@@ -630,7 +624,8 @@ pub async fn concurrent_writers_drain_exactly_once_in_order<H: Harness>(h: &H) {
             while let Some(r) = writers.try_join_next() {
                 appended.extend(r.unwrap());
             }
-            tokio::time::sleep(Duration::from_millis(1)).await;
+            // Like the relay: wake on the next append, or soon, to see writers finish.
+            listener.wait(Duration::from_millis(20)).await.unwrap();
             continue;
         }
         for e in &entries {
