@@ -320,7 +320,8 @@ impl<S: SchemaSource> Worker<'_, S> {
     /// Validates a polled batch into up to `appenders` store transactions. `None` if shut down meanwhile.
     async fn prepare(&self, batch: Vec<sluice_log::Message>) -> Option<Prepared> {
         let settings = self.settings;
-        let mut per_partition: BTreeMap<TopicPartition, AppendBatch> = BTreeMap::new();
+        // Per partition: its events and rejects, and the offset after its last message.
+        let mut per_partition: BTreeMap<TopicPartition, (AppendBatch, i64)> = BTreeMap::new();
         let mut log_next: BTreeMap<TopicPartition, i64> = BTreeMap::new();
         for msg in batch {
             let tp = msg.topic_partition();
@@ -329,14 +330,8 @@ impl<S: SchemaSource> Worker<'_, S> {
                 self.stats.skipped.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            let group = settings.group.clone();
-            let batch = per_partition.entry(tp.clone()).or_default();
-            batch.offsets = vec![ConsumerOffset {
-                group,
-                topic: tp.topic,
-                partition: tp.partition,
-                next_offset: msg.offset + 1,
-            }];
+            let (batch, next) = per_partition.entry(tp).or_default();
+            *next = msg.offset + 1;
             let validated = retry_transient(
                 || async {
                     match validate(&msg, self.codec, &settings.config, Utc::now()).await {
@@ -387,7 +382,13 @@ impl<S: SchemaSource> Worker<'_, S> {
         }
         let appenders = settings.config.appenders.max(1);
         let mut batches: Vec<AppendBatch> = Vec::new();
-        for (i, batch) in per_partition.into_values().enumerate() {
+        for (i, (tp, (mut batch, next_offset))) in per_partition.into_iter().enumerate() {
+            batch.offsets.push(ConsumerOffset {
+                group: settings.group.clone(),
+                topic: tp.topic,
+                partition: tp.partition,
+                next_offset,
+            });
             if i < appenders {
                 batches.push(batch);
             } else {
