@@ -3,9 +3,11 @@
 
 use std::collections::BTreeMap;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use serde_json::Value;
-use sluice_core::{Event, EventType, SLUICE_NAMESPACE, Source, TraceContext};
+use sluice_core::{
+    Event, EventType, Metadata, SLUICE_NAMESPACE, Source, TraceContext, check_aggregate_id,
+};
 use sluice_log::Message;
 use sluice_schemas::{EventCodec, SchemaSource};
 use sluice_topology::{FieldRange, IngestValidatorConfig};
@@ -214,15 +216,8 @@ fn from_json(json: Value, msg: &Message) -> Result<Event, Outcome> {
     let occurred_at = DateTime::parse_from_rfc3339(&occurred_at)
         .map_err(|e| invalid(&format!("occurred_at {occurred_at:?} is not RFC 3339: {e}")))?
         .with_timezone(&Utc);
-    let mut event = Event::new(
-        event_type,
-        aggregate_id,
-        occurred_at,
-        payload,
-        source_of(msg),
-    )
-    .map_err(|e| invalid(&e))?;
-    event.event_id = match event_id {
+    check_aggregate_id(&aggregate_id).map_err(|e| invalid(&e))?;
+    let event_id = match event_id {
         Some(id) => Uuid::parse_str(&id)
             .map_err(|e| invalid(&format!("event_id {id:?} is not a UUID: {e}")))?,
         // Derived from where the message sits, so a redelivery gets the same id.
@@ -230,6 +225,17 @@ fn from_json(json: Value, msg: &Message) -> Result<Event, Outcome> {
             &SLUICE_NAMESPACE,
             format!("ingest:{}:{}:{}", msg.topic, msg.partition, msg.offset).as_bytes(),
         ),
+    };
+    // Built directly rather than with `Event::new`, which draws a random id (a syscall per
+    // event on the hot path) only to have it replaced; `ingested_at` is set by the caller.
+    let mut event = Event {
+        event_id,
+        event_type,
+        aggregate_id,
+        occurred_at: occurred_at.trunc_subsecs(6),
+        ingested_at: occurred_at.trunc_subsecs(6),
+        payload,
+        metadata: Metadata::from_source(source_of(msg)),
     };
     if let Some(traceparent) = traceparent {
         event.metadata.trace =
