@@ -99,3 +99,13 @@ where
         std::panic::resume_unwind(panic);
     }
 }
+
+/// Waits until `check` holds, looking every 20 ms, and fails the test after `deadline`: for
+/// conditions nothing announces (counters, rows, offsets).
+pub async fn until(what: &str, deadline: std::time::Duration, check: impl AsyncFn() -> bool) {
+    let start = std::time::Instant::now();
+    while !check().await {
+        assert!(start.elapsed() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

@@ -15,7 +15,7 @@ use sluice_log::{
     EmbeddedLog, EmbeddedOptions, Header, Log, Producer, Record, TopicPartition, TopicSpec,
 };
 use sluice_schemas::{EventCodec, Registry, SchemaDir};
-use sluice_store::testing::on_each_backend;
+use sluice_store::testing::{on_each_backend, until};
 use sluice_store::{DlqFilter, Store, StoreOptions};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -134,14 +134,6 @@ impl Rig {
     }
 }
 
-async fn until(what: &str, check: impl AsyncFn() -> bool) {
-    let start = std::time::Instant::now();
-    while !check().await {
-        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 fn settings() -> Settings {
     Settings::new("ingest-validator", "ingest.raw")
 }
@@ -186,7 +178,7 @@ async fn poison_lands_in_the_dlq_with_its_class_and_valid_events_are_stored() {
 
         let stats = Arc::new(Stats::default());
         let (token, task) = rig.start(settings(), stats.clone());
-        until("all ten inputs in the store", async || {
+        until("all ten inputs in the store", DEADLINE, async || {
             rig.stored_offsets().await == 10
         })
         .await;
@@ -267,7 +259,10 @@ async fn duplicates_are_stored_once() {
         }
         let stats = Arc::new(Stats::default());
         let (token, task) = rig.start(settings(), stats.clone());
-        until("all three read", async || rig.stored_offsets().await == 3).await;
+        until("all three read", DEADLINE, async || {
+            rig.stored_offsets().await == 3
+        })
+        .await;
         token.cancel();
         task.await.unwrap().unwrap();
         assert_eq!(rig.store.event_count().await.unwrap(), 1);
@@ -304,9 +299,11 @@ async fn a_crash_between_append_and_log_commit_stores_nothing_twice() {
         let (token, task) = rig.start(settings(), stats.clone());
         // The restart has read everything once the log's offsets caught up with the store's
         // (the crashed run may have stored all 21 already).
-        until("all 21 inputs in the store and read again", async || {
-            rig.stored_offsets().await == 21 && rig.log_committed() == 21
-        })
+        until(
+            "all 21 inputs in the store and read again",
+            DEADLINE,
+            async || rig.stored_offsets().await == 21 && rig.log_committed() == 21,
+        )
         .await;
         token.cancel();
         task.await.unwrap().unwrap();
@@ -359,6 +356,7 @@ async fn the_validator_applies_retention_when_it_starts() {
         let (token, task) = rig.start(settings(), Arc::new(Stats::default()));
         until(
             "the 30-day-old event to be removed (retention 7 days)",
+            DEADLINE,
             async || rig.store.event_by_id(old.event_id).await.unwrap().is_none(),
         )
         .await;

@@ -12,7 +12,7 @@ use serde_json::json;
 use sluice_core::{Event, EventType, Source};
 use sluice_log::{Consumer, EmbeddedLog, EmbeddedOptions, Log, TopicSpec};
 use sluice_outbox_relay::{Error, Settings, Stats};
-use sluice_store::testing::on_each_backend;
+use sluice_store::testing::{on_each_backend, until};
 use sluice_store::{AppendBatch, AppendEvent, Store, StoreOptions};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -124,14 +124,6 @@ impl Rig {
     }
 }
 
-async fn until(what: &str, check: impl AsyncFn() -> bool) {
-    let start = std::time::Instant::now();
-    while !check().await {
-        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 fn fast() -> Settings {
     let mut settings = Settings::new("outbox-relay");
     settings.config.poll_interval = Duration::from_millis(200);
@@ -172,7 +164,7 @@ async fn concurrent_writers_committing_out_of_order_are_relayed_once_each_in_ord
             writer.await.unwrap();
         }
         let total = (WRITERS * ROUNDS * PER_BATCH) as u64;
-        until("every entry published", async || {
+        until("every entry published", DEADLINE, async || {
             stats.published.load(Ordering::Relaxed) == total
         })
         .await;
@@ -212,7 +204,7 @@ async fn a_crash_between_publish_and_delete_loses_nothing() {
 
         let stats = Arc::new(Stats::default());
         let (token, task) = rig.start(fast(), stats.clone());
-        until("the outbox drained", async || {
+        until("the outbox drained", DEADLINE, async || {
             rig.store.outbox_depth().await.unwrap() == 0
         })
         .await;
@@ -247,11 +239,11 @@ async fn entries_that_fail_stay_with_their_attempts_while_others_flow() {
             .unwrap();
         let stats = Arc::new(Stats::default());
         let (token, task) = rig.start(fast(), stats.clone());
-        until("the good entries published", async || {
+        until("the good entries published", DEADLINE, async || {
             stats.published.load(Ordering::Relaxed) == 2
         })
         .await;
-        until("a failure recorded", async || {
+        until("a failure recorded", DEADLINE, async || {
             stats.failed.load(Ordering::Relaxed) >= 1
         })
         .await;
