@@ -43,7 +43,8 @@ pub enum Command {
     /// List, inspect, re-drive and discard dead letters.
     Dlq(PendingArgs),
     /// Create, list and revoke API keys.
-    Keys(PendingArgs),
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Apply the store's schema migrations.
     ///
     /// Idempotent, and safe to run from several processes at once. Prints what it did; exits 1
@@ -160,18 +161,89 @@ pub struct SimulateArgs {
     /// Number of devices.
     #[arg(long, default_value_t = 100)]
     pub devices: u32,
-    /// Events per second across the fleet.
+    /// Events per second across the fleet (readings and status changes together).
     #[arg(long, default_value_t = 100)]
     pub rate: u32,
-    /// MQTT broker to publish to (mqtt://host:port).
-    #[arg(long, conflicts_with = "http")]
+    /// MQTT broker to publish to with QoS 1 (mqtt://host:port).
+    #[arg(long, conflicts_with = "http", required_unless_present = "http")]
     pub mqtt: Option<String>,
-    /// HTTP ingest API to post to (http://host:port).
+    /// HTTP ingest API to post batches to (http://host:port).
     #[arg(long)]
     pub http: Option<String>,
-    /// Stop after this long (e.g. "2m").
+    /// API key for the HTTP ingest API (role device or admin).
+    #[arg(long, env = "SLUICE__API_KEY", hide_env_values = true)]
+    pub key: Option<String>,
+    /// Events per HTTP request.
+    #[arg(long, default_value_t = 100)]
+    pub batch: usize,
+    /// Stop after this long (e.g. "2m"); runs until interrupted by default.
     #[arg(long = "for", value_name = "DURATION")]
     pub run_for: Option<String>,
+    /// Share of readings that carry an injected anomaly (0 to 1).
+    #[arg(long, default_value_t = 0.001)]
+    pub anomaly_rate: f64,
+    /// Seed of the fleet's randomness; the same seed gives the same fleet and events.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Write the injected anomalies (event id, device, time, kind) to this file as JSON lines.
+    #[arg(long, value_name = "FILE")]
+    pub truth: Option<PathBuf>,
+    /// Share of messages sent malformed, to exercise the dead-letter path (0 to 1).
+    #[arg(long, default_value_t = 0.0005)]
+    pub malformed_rate: f64,
+    /// Share of messages sent twice (as a QoS 1 redelivery or a client retry would) (0 to 1).
+    #[arg(long, default_value_t = 0.001)]
+    pub duplicate_rate: f64,
+    /// Print the final report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create an API key and print it once; only its salted hash is stored.
+    Create {
+        /// What the key may do: device (ingest), viewer (query), operator (also replay and
+        /// dead letters), admin (also keys).
+        #[arg(long, value_enum)]
+        role: KeyRole,
+        /// A name to recognise the key by in `sluice keys list`.
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        store: KeysStore,
+    },
+    /// List the keys (never their secrets).
+    List {
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        store: KeysStore,
+    },
+    /// Revoke a key by its id; requests with it are refused from then on.
+    Revoke {
+        /// The key's id, as `sluice keys list` shows it.
+        id: String,
+        #[command(flatten)]
+        store: KeysStore,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct KeysStore {
+    /// The store: postgres://USER@HOST:PORT/DB or sqlite://PATH [default: the `sluice dev`
+    /// store, sqlite://.sluice/sluice.db].
+    #[arg(long, env = "SLUICE__STORE")]
+    pub store: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KeyRole {
+    Device,
+    Viewer,
+    Operator,
+    Admin,
 }
 
 #[derive(Debug, Args)]

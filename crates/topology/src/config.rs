@@ -102,12 +102,28 @@ pub struct MqttBridgeConfig {
     /// Subscription QoS, 0, 1 or 2. Anything below 1 gives up at-least-once delivery.
     /// Default: `1`.
     pub qos: u8,
-    /// MQTT client id. Default: none, which lets the broker assign one; give one to keep a
-    /// persistent session across restarts.
+    /// MQTT client id, also settable with `SLUICE__MQTT_CLIENT_ID`. The bridge keeps a
+    /// persistent session under it (clean session off), so the broker queues what arrives
+    /// while the bridge is down and redelivers what it had not acknowledged; replicas need one
+    /// each. Default: `sluice-<processor name>`.
     pub client_id: Option<String>,
     /// Shared-subscription group (MQTT 5): subscribes to `$share/<group>/<filter>` so that
     /// several replicas split the load. Default: none (a plain subscription).
     pub shared_group: Option<String>,
+    /// User name for the broker. Default: none.
+    pub username: Option<String>,
+    /// Environment variable holding the broker password (never the password itself).
+    /// Default: none.
+    pub password_env: Option<String>,
+    /// CA certificate (PEM) to trust for `mqtts://`; the system's roots when absent.
+    pub tls_ca: Option<String>,
+    /// Client certificate and key as PKCS#12 (DER) for brokers that authenticate clients by
+    /// certificate. Default: none.
+    pub tls_client_pkcs12: Option<String>,
+    /// Environment variable holding the PKCS#12 password. Default: none (empty password).
+    pub tls_client_pkcs12_password_env: Option<String>,
+    /// Most messages written to the log in one produce call. Default: `1000`.
+    pub max_batch: usize,
 }
 
 impl Default for MqttBridgeConfig {
@@ -133,6 +149,12 @@ impl Default for MqttBridgeConfig {
             qos: 1,
             client_id: None,
             shared_group: None,
+            username: None,
+            password_env: None,
+            tls_ca: None,
+            tls_client_pkcs12: None,
+            tls_client_pkcs12_password_env: None,
+            max_batch: 1000,
         }
     }
 }
@@ -171,6 +193,12 @@ pub struct HttpIngestConfig {
     pub max_body_bytes: usize,
     /// Events per second accepted per API key; more are answered 429. Default: `1000`.
     pub rate_limit_per_key: u32,
+    /// Largest single event (its JSON or Avro bytes). Default: `65536`.
+    pub max_event_bytes: usize,
+    /// How long a request waits for the log to acknowledge before it is answered 503.
+    /// Default: `10s`.
+    #[serde(with = "humantime_serde")]
+    pub persist_timeout: Duration,
 }
 
 impl Default for HttpIngestConfig {
@@ -180,6 +208,8 @@ impl Default for HttpIngestConfig {
             max_batch: 500,
             max_body_bytes: 1_048_576,
             rate_limit_per_key: 1000,
+            max_event_bytes: 65_536,
+            persist_timeout: Duration::from_secs(10),
         }
     }
 }
