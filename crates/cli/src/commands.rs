@@ -33,7 +33,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Sql(_) => not_available("sql", "issue 6 (the SQL endpoint)"),
         Command::Replay(_) => not_available("replay", "issue 9 (operator replay)"),
         Command::Dlq(_) => not_available("dlq", "issue 9 (dead letters)"),
-        Command::Keys(_) => not_available("keys", "issue 5 (API keys)"),
+        Command::Keys(cmd) => crate::keys::keys(&cmd),
         Command::Migrate(args) => migrate(&args),
         Command::Bench(BenchCommand::Log(args)) => bench_log(&args),
         Command::Bench(BenchCommand::Ingest(args)) => crate::bench_ingest::bench_ingest(&args),

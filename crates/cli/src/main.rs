@@ -10,6 +10,7 @@
 mod bench_ingest;
 mod cli;
 mod commands;
+mod keys;
 mod run;
 
 use std::process::ExitCode;

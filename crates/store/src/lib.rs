@@ -21,6 +21,7 @@ use uuid::Uuid;
 
 pub mod bench;
 mod error;
+mod keys;
 mod model;
 mod postgres;
 mod prepare;
@@ -28,12 +29,14 @@ mod sqlite;
 pub mod testing;
 
 pub use error::{BoxError, Error, Result};
+pub use keys::{ApiKey, Role};
 pub use model::{
     AppendBatch, AppendEvent, AppendOutcome, Appended, ConsumerOffset, DlqCount, DlqEntry,
     DlqFilter, DlqStatus, EventQuery, MaintainReport, NewDeadLetter, OutboxEntry, PartitionInfo,
     StoredEvent,
 };
 
+use keys::StoredKey;
 use postgres::PgStore;
 use sqlite::SqliteStore;
 
@@ -317,6 +320,35 @@ impl Store {
     pub async fn partitions(&self) -> Result<Vec<PartitionInfo>> {
         dispatch!(self.partitions())
     }
+
+    /// Creates a key with `role`; returns it with its token, `sk_<id>_<secret>`. The token is
+    /// the only copy of the secret (only a salted hash is stored): show it once.
+    pub async fn create_api_key(&self, role: Role, name: Option<&str>) -> Result<(ApiKey, String)> {
+        let (stored, token) = StoredKey::generate(role, name, prepare::trunc(Utc::now()));
+        dispatch!(self.insert_api_key(&stored))?;
+        Ok((stored.key, token))
+    }
+
+    /// Every key, revoked ones included, by creation time then id. Never their secrets.
+    pub async fn list_api_keys(&self) -> Result<Vec<ApiKey>> {
+        dispatch!(self.list_api_keys())
+    }
+
+    /// Revokes a key: from now on it verifies as nothing. `false` when there is no such key or
+    /// it was already revoked.
+    pub async fn revoke_api_key(&self, id: &str) -> Result<bool> {
+        dispatch!(self.revoke_api_key(id, prepare::trunc(Utc::now())))
+    }
+
+    /// The key a token belongs to, or `None` when the token is malformed, names no key, has
+    /// the wrong secret, or its key is revoked. One read by primary key, no write.
+    pub async fn verify_api_key(&self, token: &str) -> Result<Option<ApiKey>> {
+        let Some((id, secret)) = keys::parse_token(token) else {
+            return Ok(None);
+        };
+        let stored: Option<StoredKey> = dispatch!(self.api_key(id))?;
+        Ok(stored.filter(|s| s.accepts(&secret)).map(|s| s.key))
+    }
 }
 
 impl DlqSink for Store {
@@ -400,6 +432,8 @@ mod tests {
         is_send(&l.wait(Duration::ZERO));
         is_send(&s.dlq_list(&DlqFilter::default()));
         is_send(&s.events_in_range(&EventQuery::default()));
+        is_send(&s.verify_api_key("sk_"));
+        is_send(&s.create_api_key(Role::Device, None));
     }
 
     #[tokio::test]

@@ -15,6 +15,7 @@ use sqlx::{Connection, QueryBuilder, Row};
 use uuid::Uuid;
 
 use crate::error::db;
+use crate::keys::{ApiKey, StoredKey};
 use crate::model::{
     AppendBatch, AppendOutcome, ConsumerOffset, DlqCount, DlqEntry, DlqFilter, DlqStatus,
     EventQuery, MaintainReport, OutboxEntry, PartitionInfo, StoredEvent,
@@ -37,6 +38,8 @@ const EVENT_COLUMNS: &str =
 const DLQ_COLUMNS: &str = "dlq_id, processor, event_id, source_topic, source_partition, \
      source_offset, schema_id, raw, decoded, error_class, error_message, failed_at, attempts, \
      status, status_changed_by, status_changed_at";
+
+const KEY_COLUMNS: &str = "id, name, role, salt, hash, created_at, revoked_at";
 
 /// Claims the ids not yet stored and gives each a position, in batch order. Rows are inserted
 /// in id order so that concurrent batches sharing ids lock them in the same order (no
@@ -698,6 +701,58 @@ impl PgStore {
             .collect()
     }
 
+    // ---- API keys ----------------------------------------------------------------------------
+
+    pub async fn insert_api_key(&self, k: &StoredKey) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO api_keys (id, name, role, salt, hash, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&k.key.id)
+        .bind(k.key.name.as_deref())
+        .bind(k.key.role.as_str())
+        .bind(&k.salt)
+        .bind(&k.hash)
+        .bind(k.key.created_at)
+        .execute(&self.pool)
+        .await
+        .map_err(db("create_api_key"))?;
+        Ok(())
+    }
+
+    pub async fn list_api_keys(&self) -> Result<Vec<ApiKey>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys ORDER BY created_at, id"
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("list_api_keys"))?;
+        rows.iter()
+            .map(|row| key_from_row(row).map(|k| k.key))
+            .collect()
+    }
+
+    pub async fn revoke_api_key(&self, id: &str, at: DateTime<Utc>) -> Result<bool> {
+        let n =
+            sqlx::query("UPDATE api_keys SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL")
+                .bind(id)
+                .bind(at)
+                .execute(&self.pool)
+                .await
+                .map_err(db("revoke_api_key"))?
+                .rows_affected();
+        Ok(n > 0)
+    }
+
+    pub async fn api_key(&self, id: &str) -> Result<Option<StoredKey>> {
+        let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db("verify_api_key"))?;
+        row.as_ref().map(key_from_row).transpose()
+    }
+
     // ---- reads -------------------------------------------------------------------------------
 
     pub async fn event_count(&self) -> Result<u64> {
@@ -914,6 +969,22 @@ fn dlq_from_row(row: &PgRow) -> Result<DlqEntry> {
         status: status.parse().map_err(|e: String| Error::corrupt(OP, e))?,
         status_changed_by: row.try_get("status_changed_by").map_err(db(OP))?,
         status_changed_at: row.try_get("status_changed_at").map_err(db(OP))?,
+    })
+}
+
+fn key_from_row(row: &PgRow) -> Result<StoredKey> {
+    const OP: &str = "read api_keys";
+    let role: String = row.try_get("role").map_err(db(OP))?;
+    Ok(StoredKey {
+        key: ApiKey {
+            id: row.try_get("id").map_err(db(OP))?,
+            name: row.try_get("name").map_err(db(OP))?,
+            role: role.parse().map_err(|e: String| Error::corrupt(OP, e))?,
+            created_at: row.try_get("created_at").map_err(db(OP))?,
+            revoked_at: row.try_get("revoked_at").map_err(db(OP))?,
+        },
+        salt: row.try_get("salt").map_err(db(OP))?,
+        hash: row.try_get("hash").map_err(db(OP))?,
     })
 }
 

@@ -45,6 +45,13 @@ impl contract::Harness for Pg {
         let _ = conn.close().await;
         n
     }
+
+    async fn blob(&self, sql: &str) -> Vec<u8> {
+        let mut conn = PgConnection::connect(&self.url).await.unwrap();
+        let b = sqlx::query_scalar(sql).fetch_one(&mut conn).await.unwrap();
+        let _ = conn.close().await;
+        b
+    }
 }
 
 /// Runs `body` on a fresh database, then drops it whether the body passed or not.
@@ -91,6 +98,11 @@ contract!(
     dead_letters_round_trip,
     retention_drops_old_events_and_keeps_recent_ones,
     appends_outside_ready_partitions_still_work,
+    api_keys_verify_with_their_role,
+    wrong_and_malformed_api_keys_verify_as_nothing,
+    revoked_api_keys_verify_as_nothing,
+    api_keys_are_listed_without_secrets,
+    api_keys_are_hashed_with_a_salt,
 );
 
 #[test]

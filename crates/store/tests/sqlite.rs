@@ -55,6 +55,13 @@ impl contract::Harness for Lite {
         let _ = conn.close().await;
         n
     }
+
+    async fn blob(&self, sql: &str) -> Vec<u8> {
+        let mut conn = self.raw().await;
+        let b = sqlx::query_scalar(sql).fetch_one(&mut conn).await.unwrap();
+        let _ = conn.close().await;
+        b
+    }
 }
 
 macro_rules! contract {
@@ -83,6 +90,11 @@ contract!(
     dead_letters_round_trip,
     retention_drops_old_events_and_keeps_recent_ones,
     appends_outside_ready_partitions_still_work,
+    api_keys_verify_with_their_role,
+    wrong_and_malformed_api_keys_verify_as_nothing,
+    revoked_api_keys_verify_as_nothing,
+    api_keys_are_listed_without_secrets,
+    api_keys_are_hashed_with_a_salt,
 );
 
 /// Another process holding the write lock longer than busy_timeout: "database is locked" is

@@ -19,6 +19,9 @@ use sluice_store::{
 };
 use uuid::Uuid;
 
+mod keys;
+pub use keys::*;
+
 /// A fresh database, and ways to reach it from outside the store under test.
 pub trait Harness: Sync {
     /// A new store on the database (like another process would open), not migrated.
@@ -27,6 +30,8 @@ pub trait Harness: Sync {
     fn exec(&self, sql: &str) -> impl Future<Output = Result<u64, String>> + Send;
     /// Runs a query returning one integer directly on the database.
     fn scalar(&self, sql: &str) -> impl Future<Output = i64> + Send;
+    /// Runs a query returning one byte string directly on the database.
+    fn blob(&self, sql: &str) -> impl Future<Output = Vec<u8>> + Send;
 
     /// A new, migrated store.
     fn open(&self) -> impl Future<Output = Store> + Send {
@@ -115,8 +120,10 @@ pub async fn migrations_are_idempotent_and_safe_concurrently<H: Harness>(h: &H) 
 
     // A database migrated by other files than ours is a schema mismatch: fatal, not retried.
     let tamper = match a.backend() {
-        Backend::Postgres => "UPDATE _sqlx_migrations SET checksum = '\\x00'::bytea",
-        Backend::Sqlite => "UPDATE _sqlx_migrations SET checksum = x'00'",
+        Backend::Postgres => {
+            "UPDATE _sqlx_migrations SET checksum = '\\x00'::bytea WHERE version = 1"
+        }
+        Backend::Sqlite => "UPDATE _sqlx_migrations SET checksum = x'00' WHERE version = 1",
     };
     assert_eq!(h.exec(tamper).await.unwrap(), 1);
     let err = a
