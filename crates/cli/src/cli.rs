@@ -23,7 +23,8 @@ pub enum Command {
     /// Run one processor of a topology against Kafka and PostgreSQL (or their embedded forms).
     ///
     /// Runs until SIGINT or SIGTERM, then finishes the batch in hand and exits 0. Kinds available
-    /// in this build: ingest-validator and outbox-relay. Counters are logged every 10 s.
+    /// in this build: mqtt-bridge (needs only --log), http-ingest, ingest-validator and
+    /// outbox-relay. Counters are logged every 10 s.
     Run(RunArgs),
     /// Check and draw topology files.
     #[command(subcommand)]
@@ -63,12 +64,28 @@ pub struct DevArgs {
     /// Start a simulated fleet of N devices.
     #[arg(long, value_name = "N")]
     pub simulate: Option<u32>,
-    /// Events per second of the simulated fleet.
+    /// Events per second of the simulated fleet [default: one per device].
     #[arg(long, value_name = "EVENTS_PER_SEC")]
     pub rate: Option<u32>,
     /// Stop after this long (e.g. "30s"); runs until interrupted by default.
     #[arg(long = "for", value_name = "DURATION")]
     pub run_for: Option<String>,
+    /// Where the MQTT broker listens [default: 127.0.0.1:1883, or a free port if busy].
+    #[arg(long, env = "SLUICE__MQTT_ADDR")]
+    pub mqtt_addr: Option<SocketAddr>,
+    /// Where the HTTP ingest API listens [default: 127.0.0.1:8080, or a free port if busy].
+    #[arg(long, env = "SLUICE__HTTP_ADDR")]
+    pub http_addr: Option<SocketAddr>,
+    /// Where the schema registry API listens [default: 127.0.0.1:8081, or a free port if
+    /// busy].
+    #[arg(long, env = "SLUICE__REGISTRY_ADDR")]
+    pub registry_addr: Option<SocketAddr>,
+    /// The topology [default: topologies/default.yaml if present, else the built-in one].
+    #[arg(long, env = "SLUICE__TOPOLOGY")]
+    pub topology: Option<PathBuf>,
+    /// The schemas folder [default: ./schemas if present, else the built-in schemas].
+    #[arg(long, env = "SLUICE__SCHEMAS")]
+    pub schemas: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -27,7 +27,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             data_dir,
             schemas,
         }) => registry_serve(addr, &data_dir, schemas.as_deref()),
-        Command::Dev(_) => not_available("dev", "issue 5 (the edge and the all-in-one mode)"),
+        Command::Dev(args) => crate::dev::dev(&args),
         Command::Run(args) => crate::run::run(&args),
         Command::Simulate(_) => not_available("simulate", "issue 5 (the fleet simulator)"),
         Command::Sql(_) => not_available("sql", "issue 6 (the SQL endpoint)"),

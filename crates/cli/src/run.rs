@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use sluice_log::{EmbeddedLog, KafkaLog, Log, TopicSpec};
-use sluice_schemas::{EventCodec, HttpRegistry, Registry, SchemaSource};
+use sluice_schemas::{AnySchemas, EventCodec, HttpRegistry, Registry, SchemaSource};
 use sluice_store::{Store, StoreOptions};
 use sluice_topology::{Kind, KindConfig, Processor, Topology};
 use tokio_util::sync::CancellationToken;
@@ -41,13 +41,7 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
         );
     };
     match processor.kind {
-        Kind::IngestValidator | Kind::OutboxRelay => {}
-        Kind::MqttBridge | Kind::HttpIngest => {
-            return not_available(
-                &format!("run {} (kind {})", processor.name, processor.kind),
-                "issue 5 (the edge)",
-            );
-        }
+        Kind::IngestValidator | Kind::OutboxRelay | Kind::MqttBridge | Kind::HttpIngest => {}
         Kind::Projector | Kind::Inferencer | Kind::ActionRouter | Kind::Executor => {
             return not_available(
                 &format!("run {} (kind {})", processor.name, processor.kind),
@@ -55,45 +49,64 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
             );
         }
     }
-    let (Some(log_url), Some(store_url)) = (args.log.as_deref(), args.store.as_deref()) else {
+    // The bridge only moves bytes from the broker to the log; everything else has a store.
+    let needs_store = processor.kind != Kind::MqttBridge;
+    let (Some(log_url), store_url) = (args.log.as_deref(), args.store.as_deref()) else {
+        return usage_error(&format!(
+            "sluice run {} needs --log URL (or SLUICE__LOG)",
+            processor.name
+        ));
+    };
+    if needs_store && store_url.is_none() {
         return usage_error(&format!(
             "sluice run {} needs --log URL and --store URL (or SLUICE__LOG and SLUICE__STORE)",
             processor.name
         ));
-    };
+    }
     runtime()?.block_on(async {
-        let opts = StoreOptions {
-            migrate_on_connect: args.migrate,
-            ..StoreOptions::default()
+        let store = match store_url.filter(|_| needs_store) {
+            Some(url) => {
+                let opts = StoreOptions {
+                    migrate_on_connect: args.migrate,
+                    ..StoreOptions::default()
+                };
+                Some(
+                    Store::connect(url, opts)
+                        .await
+                        .with_context(|| format!("cannot open the store {}", redact(url)))?,
+                )
+            }
+            None => None,
         };
-        let store = Store::connect(store_url, opts)
-            .await
-            .with_context(|| format!("cannot open the store {}", redact(store_url)))?;
         let wiring = Wiring {
             topology: &topology,
             processor,
             args,
             log_url,
-            store_url,
+            store_url: store_url.unwrap_or(""),
         };
         let result = if log_url.starts_with("embedded://") {
             wiring
-                .on(EmbeddedLog::from_url(log_url)?, &store, true)
+                .on(EmbeddedLog::from_url(log_url)?, store.as_ref(), true)
                 .await
         } else if log_url.starts_with("kafka://") {
-            wiring.on(KafkaLog::from_url(log_url)?, &store, false).await
+            wiring
+                .on(KafkaLog::from_url(log_url)?, store.as_ref(), false)
+                .await
         } else {
             Err(anyhow!(
                 "invalid log URL {log_url:?}: expected embedded://DIR or kafka://host:port \
                  (kafka-mock:// lives inside one process and is for `sluice bench` only)"
             ))
         };
-        store.close().await;
+        if let Some(store) = store {
+            store.close().await;
+        }
         result.map(|()| ExitCode::SUCCESS)
     })
 }
 
-fn load_topology(path: &Path) -> Result<Topology> {
+pub(crate) fn load_topology(path: &Path) -> Result<Topology> {
     sluice_topology::load(path).map_err(|issues| {
         let lines: Vec<String> = issues.iter().map(ToString::to_string).collect();
         anyhow!(
@@ -115,7 +128,7 @@ struct Wiring<'a> {
 }
 
 impl Wiring<'_> {
-    async fn on<L: Log>(&self, log: L, store: &Store, create_topics: bool) -> Result<()> {
+    async fn on<L: Log>(&self, log: L, store: Option<&Store>, create_topics: bool) -> Result<()> {
         let p = self.processor;
         let topics: Vec<&str> = match p.kind {
             Kind::IngestValidator => p.inputs.iter().map(String::as_str).collect(),
@@ -125,26 +138,170 @@ impl Wiring<'_> {
         // Registered before the start line: once it is out, SIGTERM means a clean stop.
         let token = CancellationToken::new();
         sluice_runtime::cancel_on_signals(token.clone()).context("cannot handle SIGINT/SIGTERM")?;
-        match p.kind {
-            Kind::IngestValidator => match &self.args.registry {
-                Some(url) => {
-                    let registry = HttpRegistry::new(url)
-                        .with_context(|| format!("cannot use the schema registry {url}"))?;
-                    self.validator(&log, store, registry, token).await
-                }
-                None => {
-                    let dir = schemas_for(&self.args.topology, self.args.schemas.as_deref())?;
-                    let registry = Arc::new(Registry::in_memory());
-                    registry
-                        .register_dir(&load_schemas(&dir)?)
-                        .with_context(|| {
-                            format!("cannot register the schemas of {}", dir.display())
-                        })?;
-                    self.validator(&log, store, registry, token).await
-                }
-            },
-            _ => self.relay(&log, store, token).await,
+        match (p.kind, store) {
+            (Kind::MqttBridge, _) => self.bridge(&log, token).await,
+            (Kind::IngestValidator, Some(store)) => {
+                self.validator(&log, store, self.schemas()?, token).await
+            }
+            (Kind::HttpIngest, Some(store)) => self.http(&log, store, self.schemas()?, token).await,
+            (_, Some(store)) => self.relay(&log, store, token).await,
+            (_, None) => bail!("{} needs a store", p.name),
         }
+    }
+
+    /// The registry given with --registry, else the schemas folder in a registry of its own.
+    fn schemas(&self) -> Result<AnySchemas> {
+        if let Some(url) = &self.args.registry {
+            let registry = HttpRegistry::new(url)
+                .with_context(|| format!("cannot use the schema registry {url}"))?;
+            return Ok(AnySchemas::Remote(Arc::new(registry)));
+        }
+        let dir = schemas_for(&self.args.topology, self.args.schemas.as_deref())?;
+        let registry = Arc::new(Registry::in_memory());
+        registry
+            .register_dir(&load_schemas(&dir)?)
+            .with_context(|| format!("cannot register the schemas of {}", dir.display()))?;
+        Ok(AnySchemas::Local(registry))
+    }
+
+    /// The one output of an edge processor: the raw topic.
+    fn raw_output(&self) -> Result<&str> {
+        let p = self.processor;
+        p.outputs
+            .get("raw")
+            .or_else(|| p.outputs.values().next())
+            .map(String::as_str)
+            .with_context(|| format!("{} has no output topic in the topology", p.name))
+    }
+
+    async fn bridge<L: Log>(&self, log: &L, token: CancellationToken) -> Result<()> {
+        use sluice_mqtt_bridge::{Settings, Stats};
+        let p = self.processor;
+        let mut settings = Settings::new(&p.name, self.raw_output()?);
+        if let KindConfig::MqttBridge(config) = &p.config {
+            settings.config = config.clone();
+        }
+        if let Ok(id) = std::env::var("SLUICE__MQTT_CLIENT_ID") {
+            settings.config.client_id = Some(id);
+        }
+        if let Some(var) = &settings.config.password_env {
+            let password = std::env::var(var).with_context(|| {
+                format!(
+                    "{} reads the broker password from ${var}, which is not set",
+                    p.name
+                )
+            })?;
+            settings.password = Some(password);
+        }
+        let stats = Arc::new(Stats::default());
+        tracing::info!(
+            processor = %p.name,
+            kind = %p.kind,
+            broker = %settings.config.broker,
+            topics = ?settings.config.topics,
+            client_id = %settings.client_id(),
+            output = %settings.output,
+            log = %self.log_url,
+            "started"
+        );
+        let progress = {
+            let stats = stats.clone();
+            let name = p.name.clone();
+            let mut previous = 0;
+            every(PROGRESS_EVERY, move || {
+                let acked = stats.acknowledged.load(Ordering::Relaxed);
+                tracing::info!(
+                    processor = %name,
+                    received = stats.received.load(Ordering::Relaxed),
+                    acknowledged = acked,
+                    acknowledged_per_s = rate(&mut previous, acked),
+                    connections = stats.connections.load(Ordering::Relaxed),
+                    connection_errors = stats.connection_errors.load(Ordering::Relaxed),
+                    write_retries = stats.write_retries.load(Ordering::Relaxed),
+                    "progress"
+                );
+            })
+        };
+        let result = sluice_mqtt_bridge::run(&settings, log, &stats, token)
+            .await
+            .map_err(anyhow::Error::from);
+        progress.abort();
+        tracing::info!(
+            processor = %p.name,
+            acknowledged = stats.acknowledged.load(Ordering::Relaxed),
+            ok = result.is_ok(),
+            "stopped"
+        );
+        result
+    }
+
+    async fn http<L: Log>(
+        &self,
+        log: &L,
+        store: &Store,
+        schemas: AnySchemas,
+        token: CancellationToken,
+    ) -> Result<()> {
+        use sluice_http_ingest::{Ingest, Settings, Stats};
+        let p = self.processor;
+        let mut settings = Settings::new(&p.name, self.raw_output()?);
+        if let KindConfig::HttpIngest(config) = &p.config {
+            settings.config = config.clone();
+        }
+        let addr = settings.config.listen.clone();
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        let local = listener.local_addr()?;
+        let stats = Arc::new(Stats::default());
+        let producer = log.producer()?;
+        let ingest = Ingest::new(
+            settings,
+            producer,
+            store.clone(),
+            Arc::new(EventCodec::new(schemas)),
+            stats.clone(),
+        );
+        // The address goes to stdout so scripts (and tests) can pick up an ephemeral port.
+        println!("http-ingest listening on http://{local}");
+        tracing::info!(
+            processor = %p.name,
+            kind = %p.kind,
+            %local,
+            log = %self.log_url,
+            store = %redact(self.store_url),
+            "started"
+        );
+        let progress = {
+            let stats = stats.clone();
+            let name = p.name.clone();
+            let mut previous = 0;
+            every(PROGRESS_EVERY, move || {
+                let accepted = stats.accepted.load(Ordering::Relaxed);
+                tracing::info!(
+                    processor = %name,
+                    requests = stats.requests.load(Ordering::Relaxed),
+                    accepted,
+                    accepted_per_s = rate(&mut previous, accepted),
+                    rejected = stats.rejected.load(Ordering::Relaxed),
+                    unauthorized = stats.unauthorized.load(Ordering::Relaxed),
+                    rate_limited = stats.rate_limited.load(Ordering::Relaxed),
+                    unavailable = stats.unavailable.load(Ordering::Relaxed),
+                    "progress"
+                );
+            })
+        };
+        let result = sluice_http_ingest::serve(&ingest, listener, token)
+            .await
+            .context("the HTTP server failed");
+        progress.abort();
+        tracing::info!(
+            processor = %p.name,
+            accepted = stats.accepted.load(Ordering::Relaxed),
+            ok = result.is_ok(),
+            "stopped"
+        );
+        result
     }
 
     async fn validator<L: Log, S: SchemaSource + 'static>(
@@ -263,7 +420,7 @@ impl Wiring<'_> {
 
 /// Event type → topic, from every outbox-relay's outputs: where the validator's outbox entries
 /// must go for the relay to publish them where the topology says.
-fn routes(topology: &Topology) -> BTreeMap<String, String> {
+pub(crate) fn routes(topology: &Topology) -> BTreeMap<String, String> {
     topology
         .processors
         .iter()

@@ -6,7 +6,7 @@ use std::fs;
 use std::future::Future;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use apache_avro::Schema;
 use schema_registry_converter::async_impl::schema_registry::{
@@ -498,5 +498,36 @@ impl SchemaSource for HttpRegistry {
             .await
             .map(|s| s.id)
             .map_err(remote)
+    }
+}
+
+/// The registry a process was pointed at: its own (a schemas folder, or `sluice dev`'s) or a
+/// remote one. Lets a component take either without being generic over it.
+#[derive(Debug, Clone)]
+pub enum AnySchemas {
+    /// A registry in this process.
+    Local(Arc<Registry>),
+    /// A Confluent-compatible registry over HTTP.
+    Remote(Arc<HttpRegistry>),
+}
+
+impl SchemaSource for AnySchemas {
+    async fn schema_by_id(&self, id: u32) -> Result<String> {
+        match self {
+            AnySchemas::Local(r) => r.schema_by_id(id).await,
+            AnySchemas::Remote(r) => r.schema_by_id(id).await,
+        }
+    }
+    async fn latest(&self, subject: &str) -> Result<SubjectVersion> {
+        match self {
+            AnySchemas::Local(r) => r.latest(subject).await,
+            AnySchemas::Remote(r) => r.latest(subject).await,
+        }
+    }
+    async fn register_schema(&self, subject: &str, schema: &str) -> Result<u32> {
+        match self {
+            AnySchemas::Local(r) => r.register_schema(subject, schema).await,
+            AnySchemas::Remote(r) => r.register_schema(subject, schema).await,
+        }
     }
 }

@@ -1,0 +1,254 @@
+//! `sluice dev` end to end, as a user runs it: publish over MQTT (with `mosquitto_pub`) and
+//! HTTP (with the dev key), see the events in the store, stop with SIGTERM, start again on the
+//! same directory, publish more (and some again): nothing lost, nothing stored twice.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use sluice_mqtt_bridge::testing::publish_lines;
+use sluice_store::{Store, StoreOptions};
+use uuid::Uuid;
+
+fn repo() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+/// A running `sluice dev` and the addresses its banner printed.
+struct Dev {
+    child: Child,
+    banner: BTreeMap<String, String>,
+    stdout: mpsc::Receiver<String>,
+}
+
+impl Dev {
+    fn start(data: &Path, extra: &[&str]) -> Dev {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .arg("dev")
+            .arg("--data-dir")
+            .arg(data)
+            .args(["--mqtt-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+            .args(["--registry-addr", "127.0.0.1:0"])
+            .args(extra)
+            .env_remove("SLUICE_LOG")
+            .current_dir(repo())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(
+            move || for _ in BufReader::new(stderr).lines().map_while(Result::ok) {},
+        );
+        let mut banner = BTreeMap::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = rx.recv_timeout(left).expect("the banner within a minute");
+            if line.starts_with("Ctrl-C stops it") {
+                break;
+            }
+            if let Some(rest) = line.strip_prefix("  ") {
+                if let Some((k, v)) = rest.split_once(' ') {
+                    banner.insert(k.to_owned(), v.trim().to_owned());
+                }
+            }
+        }
+        Dev {
+            child,
+            banner,
+            stdout: rx,
+        }
+    }
+
+    fn mqtt_port(&self) -> u16 {
+        let url = &self.banner["mqtt"];
+        url.rsplit(':').next().unwrap().parse().unwrap()
+    }
+
+    fn http(&self) -> String {
+        self.banner["http"].clone()
+    }
+
+    fn key(&self) -> String {
+        let file = self.banner["api-key"].split(' ').next().unwrap().to_owned();
+        std::fs::read_to_string(file).unwrap().trim().to_owned()
+    }
+
+    /// SIGTERM; the exit must be clean and the last line the summary.
+    fn stop(mut self) -> String {
+        let pid = self.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let status = self.child.wait().unwrap();
+        assert_eq!(status.code(), Some(0), "clean exit on SIGTERM");
+        let lines: Vec<String> = self.stdout.try_iter().collect();
+        lines.last().cloned().unwrap_or_default()
+    }
+}
+
+fn readings(n: usize) -> (Vec<Uuid>, Vec<String>) {
+    (0..n)
+        .map(|i| {
+            let id = Uuid::new_v4();
+            let body = json!({
+                "event_id": id.to_string(),
+                "occurred_at": chrono::Utc::now().to_rfc3339(),
+                "payload": {"seq": i, "temperature_c": 21.0},
+            });
+            (id, body.to_string())
+        })
+        .unzip()
+}
+
+fn http_events(n: usize) -> Vec<Value> {
+    (0..n)
+        .map(|i| {
+            json!({
+                "event_id": Uuid::new_v4().to_string(),
+                "event_type": "sensor.reading",
+                "aggregate_id": format!("http-dev-{}", i % 7),
+                "occurred_at": chrono::Utc::now().to_rfc3339(),
+                "payload": {"humidity_pct": 40.0},
+            })
+        })
+        .collect()
+}
+
+fn post(dev: &Dev, events: &[Value]) {
+    let status = block_on(async {
+        reqwest::Client::new()
+            .post(dev.http())
+            .bearer_auth(dev.key())
+            .json(&events)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    assert_eq!(status, reqwest::StatusCode::ACCEPTED);
+}
+
+fn id_of(event: &Value) -> Uuid {
+    Uuid::parse_str(event["event_id"].as_str().unwrap()).unwrap()
+}
+
+/// Waits until the store holds `ids` (and nothing more), reading it from this process.
+fn assert_store_holds_exactly(data: &Path, ids: &[Uuid]) {
+    let url = format!("sqlite://{}", data.join("sluice.db").display());
+    block_on(async {
+        let store = Store::connect(&url, StoreOptions::default()).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while store.event_count().await.unwrap() < ids.len() as u64 {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {} events",
+                ids.len()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            store.event_count().await.unwrap(),
+            ids.len() as u64,
+            "nothing twice"
+        );
+        for id in ids {
+            assert!(
+                store.event_by_id(*id).await.unwrap().is_some(),
+                "{id} is missing"
+            );
+        }
+        store.close().await;
+    });
+}
+
+#[test]
+fn dev_takes_mqtt_and_http_and_continues_after_a_restart_without_loss_or_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut all = Vec::new();
+
+    let dev = Dev::start(&data, &[]);
+    let (mqtt_ids, lines) = readings(300);
+    publish_lines(dev.mqtt_port(), "devices/dev-1/telemetry", &lines, None);
+    let first_http = http_events(200);
+    post(&dev, &first_http[..100]);
+    post(&dev, &first_http[100..]);
+    all.extend(mqtt_ids);
+    all.extend(first_http.iter().map(id_of));
+    assert_store_holds_exactly(&data, &all);
+    let summary = dev.stop();
+    assert!(
+        summary.starts_with("sluice dev stopped: 500 written"),
+        "{summary}"
+    );
+
+    let dev = Dev::start(&data, &[]);
+    let (more_ids, mut lines) = readings(100);
+    // A device resending what it already sent, and a client retrying a batch.
+    lines.extend(lines[..20].to_vec());
+    publish_lines(dev.mqtt_port(), "devices/dev-2/telemetry", &lines, None);
+    let second_http = http_events(100);
+    post(&dev, &second_http);
+    post(&dev, &first_http[..50]);
+    all.extend(more_ids);
+    all.extend(second_http.iter().map(id_of));
+    assert_store_holds_exactly(&data, &all);
+    dev.stop();
+}
+
+#[test]
+fn dev_with_a_simulated_fleet_fills_the_store_and_stops_by_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("dev")
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--mqtt-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .args(["--registry-addr", "127.0.0.1:0"])
+        .args(["--simulate", "20", "--rate", "200", "--for", "4s"])
+        .env_remove("SLUICE_LOG")
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary = stdout.lines().last().unwrap();
+    let events: u64 = summary
+        .split(", ")
+        .find_map(|part| part.strip_suffix(" events in the store"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no event count in {summary:?}"));
+    // 4 s at 200/s, less start-up: hundreds, not a handful.
+    assert!(events >= 300, "{summary}");
+}
