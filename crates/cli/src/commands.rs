@@ -29,7 +29,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         }) => registry_serve(addr, &data_dir, schemas.as_deref()),
         Command::Dev(args) => crate::dev::dev(&args),
         Command::Run(args) => crate::run::run(&args),
-        Command::Simulate(_) => not_available("simulate", "issue 5 (the fleet simulator)"),
+        Command::Simulate(args) => crate::simulate::simulate(&args),
         Command::Sql(_) => not_available("sql", "issue 6 (the SQL endpoint)"),
         Command::Replay(_) => not_available("replay", "issue 9 (operator replay)"),
         Command::Dlq(_) => not_available("dlq", "issue 9 (dead letters)"),

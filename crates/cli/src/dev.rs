@@ -63,6 +63,8 @@ const DEFAULT_REGISTRY: &str = "127.0.0.1:8081";
 /// How long a stop waits for the validator and the relay to take in what the edge wrote.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+/// How long a stop keeps taking messages from the embedded broker while they keep coming.
+const BROKER_DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub fn dev(args: &DevArgs) -> Result<ExitCode> {
     let run_for = args
@@ -194,11 +196,16 @@ impl Dev {
     }
 
     async fn run(mut self, run_for: Option<Duration>) -> Result<ExitCode> {
-        // Two stages: the edge (and the simulator) stop first, then the validator and the
-        // relay once they have taken in what the edge wrote.
+        // Stages of a stop: the simulator, then the edge once the broker has handed over what
+        // it acknowledged to devices, then the validator and the relay once they have taken in
+        // what the edge wrote.
+        let stop = CancellationToken::new();
+        let simulator = CancellationToken::new();
         let edge = CancellationToken::new();
         let core = CancellationToken::new();
-        sluice_runtime::cancel_on_signals(edge.clone()).context("cannot handle SIGINT/SIGTERM")?;
+        sluice_runtime::cancel_on_signals(stop.clone()).context("cannot handle SIGINT/SIGTERM")?;
+        let (sim_tx, _) = mpsc::unbounded_channel();
+        let mut sim_tasks = Tasks::new(&sim_tx);
         let counters = Counters::default();
         let (ended_tx, mut ended) = mpsc::unbounded_channel();
         let mut edge_tasks = Tasks::new(&ended_tx);
@@ -211,9 +218,9 @@ impl Dev {
         let routes = crate::run::routes(&self.topology);
         let codec = Arc::new(EventCodec::new(AnySchemas::Local(self.schemas.clone())));
 
-        let (schemas, listener, stop) = (self.schemas.clone(), registry_listener, core.clone());
+        let (schemas, listener, token) = (self.schemas.clone(), registry_listener, core.clone());
         core_tasks.spawn("registry", async move {
-            sluice_schemas::http::serve(schemas, listener, async move { stop.cancelled().await })
+            sluice_schemas::http::serve(schemas, listener, async move { token.cancelled().await })
                 .await
                 .context("the registry server failed")
         });
@@ -320,8 +327,8 @@ impl Dev {
             let target = sluice_simulator::Target::Mqtt {
                 url: self.broker.url(),
             };
-            let (counters, token) = (counters.simulator.clone(), edge.clone());
-            edge_tasks.spawn("simulator", async move {
+            let (counters, token) = (counters.simulator.clone(), simulator.clone());
+            sim_tasks.spawn("simulator", async move {
                 let report =
                     sluice_simulator::run(&config, &target, None, counters, token.clone(), None)
                         .await?;
@@ -345,7 +352,7 @@ impl Dev {
             }
         };
         tokio::select! {
-            () = edge.cancelled() => {}
+            () = stop.cancelled() => {}
             () = core.cancelled() => {}
             () = deadline => {}
             Some((name, error)) = ended.recv() => {
@@ -356,6 +363,11 @@ impl Dev {
             }
         }
         eprintln!("sluice dev: stopping (ran {:.0?})", started.elapsed());
+        simulator.cancel();
+        if let Err(e) = sim_tasks.join().await {
+            failure.get_or_insert(e);
+        }
+        broker_drain(&counters.bridge).await;
         edge.cancel();
         if let Err(e) = edge_tasks.join().await {
             failure.get_or_insert(e);
@@ -479,6 +491,33 @@ impl Tasks {
             }
         }
         first.map_or(Ok(()), Err)
+    }
+}
+
+/// Waits (bounded) until the bridge has had nothing new for a second: the embedded broker
+/// holds in memory what it acknowledged to devices, and would lose it with the process.
+async fn broker_drain(bridge: &sluice_mqtt_bridge::Stats) {
+    let deadline = Instant::now() + BROKER_DRAIN_TIMEOUT;
+    let mut last = bridge.received.load(Ordering::Relaxed);
+    let mut quiet_since = Instant::now();
+    let mut said = false;
+    while Instant::now() < deadline && quiet_since.elapsed() < Duration::from_secs(1) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = bridge.received.load(Ordering::Relaxed);
+        if now != last {
+            last = now;
+            quiet_since = Instant::now();
+            if !said {
+                eprintln!("sluice dev: taking in what the MQTT broker still holds");
+                said = true;
+            }
+        }
+    }
+    if Instant::now() >= deadline {
+        tracing::warn!(
+            timeout = ?BROKER_DRAIN_TIMEOUT,
+            "MQTT messages kept arriving; stopping with some still in the embedded broker"
+        );
     }
 }
 

@@ -13,6 +13,7 @@ mod commands;
 mod dev;
 mod keys;
 mod run;
+mod simulate;
 
 use std::process::ExitCode;
 
@@ -54,9 +55,8 @@ fn one_line(e: &anyhow::Error) -> String {
 fn init_logging() {
     use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| {
-        EnvFilter::new("info,sqlx::postgres::notice=warn,rumqttd=warn,rumqttd::router::routing=off")
-    });
+    let filter = EnvFilter::try_from_env("SLUICE_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx::postgres::notice=warn,rumqttd=off"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())

@@ -67,10 +67,8 @@ impl Dev {
             if line.starts_with("Ctrl-C stops it") {
                 break;
             }
-            if let Some(rest) = line.strip_prefix("  ") {
-                if let Some((k, v)) = rest.split_once(' ') {
-                    banner.insert(k.to_owned(), v.trim().to_owned());
-                }
+            if let Some((k, v)) = line.strip_prefix("  ").and_then(|r| r.split_once(' ')) {
+                banner.insert(k.to_owned(), v.trim().to_owned());
             }
         }
         Dev {
@@ -251,4 +249,49 @@ fn dev_with_a_simulated_fleet_fills_the_store_and_stops_by_itself() {
         .unwrap_or_else(|| panic!("no event count in {summary:?}"));
     // 4 s at 200/s, less start-up: hundreds, not a handful.
     assert!(events >= 300, "{summary}");
+}
+
+#[test]
+fn simulate_publishes_to_a_real_broker_and_reports_json() {
+    let broker = sluice_mqtt_bridge::testing::Mosquitto::start();
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args([
+            "simulate",
+            "--devices",
+            "10",
+            "--rate",
+            "500",
+            "--for",
+            "2s",
+            "--json",
+        ])
+        .args(["--seed", "7", "--mqtt", &broker.url()])
+        .env_remove("SLUICE_LOG")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let sent = report["sent"].as_u64().unwrap();
+    assert!(sent >= 500, "{report}");
+    assert_eq!(report["acknowledged"].as_u64().unwrap(), sent, "{report}");
+    assert_eq!(report["failed"], 0);
+}
+
+#[test]
+fn simulate_without_a_reachable_target_exits_1_with_the_reason() {
+    let port = sluice_mqtt_bridge::testing::free_port();
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["simulate", "--devices", "2", "--rate", "10", "--for", "30s"])
+        .args(["--mqtt", &format!("mqtt://127.0.0.1:{port}")])
+        .env_remove("SLUICE_LOG")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("error:"), "{err}");
 }

@@ -18,9 +18,7 @@ use std::path::PathBuf;
 pub use codec::{EventCodec, decode_body, encode_body};
 pub use compat::Compatibility;
 pub use dir::{Problem, SchemaDir};
-pub use registry::{
-    AnySchemas, HttpRegistry, Registry, SchemaSource, SubjectVersion, VersionRef,
-};
+pub use registry::{AnySchemas, HttpRegistry, Registry, SchemaSource, SubjectVersion, VersionRef};
 
 /// Errors of schemas, encoding and the registry.
 #[derive(Debug, thiserror::Error)]

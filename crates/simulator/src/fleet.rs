@@ -399,7 +399,9 @@ impl Fleet {
             };
             let value = match ep.kind {
                 AnomalyKind::Spike => normal + ep.magnitude,
-                AnomalyKind::Drift => normal + ep.magnitude * f64::from(ep.step) / f64::from(ep.len),
+                AnomalyKind::Drift => {
+                    normal + ep.magnitude * f64::from(ep.step) / f64::from(ep.len)
+                }
                 AnomalyKind::Stuck => {
                     if ep.step == 1 {
                         ep.magnitude = normal;
@@ -689,7 +691,11 @@ mod tests {
         let mut last_seq: HashMap<Arc<str>, u64> = HashMap::new();
         let mut late = 0;
         for (now, e) in events(cfg, 200_000) {
-            assert!(e.device.starts_with("dev-") && e.device.len() == 9, "{}", e.device);
+            assert!(
+                e.device.starts_with("dev-") && e.device.len() == 9,
+                "{}",
+                e.device
+            );
             let Body::Reading(r) = &e.body else { continue };
             assert!((-10.0..50.0).contains(&r.temperature_c), "{r:?}");
             assert!((0.0..=100.0).contains(&r.humidity_pct), "{r:?}");
@@ -699,7 +705,10 @@ mod tests {
                 late += 1;
                 let behind = (now - e.occurred_at).num_milliseconds();
                 assert!((5_000..=300_000).contains(&behind), "{behind} ms late");
-                assert!(r.seq < last_seq[&e.device], "a late reading is an older one");
+                assert!(
+                    r.seq < last_seq[&e.device],
+                    "a late reading is an older one"
+                );
             } else {
                 assert_eq!(e.occurred_at, now);
                 let last = last_seq.insert(e.device.clone(), r.seq).unwrap_or(0);

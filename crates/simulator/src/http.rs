@@ -313,8 +313,9 @@ async fn deliver(s: Arc<Shared>, body: Body, _permit: OwnedSemaphorePermit) {
                         return;
                     }
                     StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
-                        s.health
-                            .set_fatal(format!("{} refused the API key: {status}", s.endpoint));
+                        let reason = format!("{} refused the API key: {status}", s.endpoint);
+                        s.health.note(reason.clone());
+                        s.health.set_fatal(reason);
                         s.sending.cancel();
                         Counters::add(&c.failed, n);
                         return;
@@ -330,7 +331,11 @@ async fn deliver(s: Arc<Shared>, body: Body, _permit: OwnedSemaphorePermit) {
                     _ if status.is_server_error() => {
                         s.health.note(format!("{} answered {status}", s.endpoint));
                         if attempt + 1 >= MAX_SERVER_ERROR_ATTEMPTS {
-                            tracing::warn!("{} answered {status} {} times; {n} events lost", s.endpoint, attempt + 1);
+                            tracing::warn!(
+                                "{} answered {status} {} times; {n} events lost",
+                                s.endpoint,
+                                attempt + 1
+                            );
                             Counters::add(&c.failed, n);
                             return;
                         }
@@ -366,7 +371,10 @@ async fn settle_partial(s: &Shared, body: &Body, response: reqwest::Response) {
         Err(_) => None,
     };
     let Some(answer) = answer else {
-        tracing::warn!("{} answered 400 without a readable body; {n} events rejected", s.endpoint);
+        tracing::warn!(
+            "{} answered 400 without a readable body; {n} events rejected",
+            s.endpoint
+        );
         Counters::add(&c.rejected, n);
         return;
     };
@@ -375,7 +383,11 @@ async fn settle_partial(s: &Shared, body: &Body, response: reqwest::Response) {
     Counters::add(&c.rejected, n - accepted);
     for r in &answer.rejected {
         if body.malformed.contains(&r.index) {
-            tracing::debug!("malformed event {} rejected as expected: {}", r.index, r.reason);
+            tracing::debug!(
+                "malformed event {} rejected as expected: {}",
+                r.index,
+                r.reason
+            );
         } else if s.unexpected_rejections.fetch_add(1, Ordering::Relaxed) < WARN_REJECTIONS {
             tracing::warn!("a well-formed event was rejected: {}", r.reason);
         }

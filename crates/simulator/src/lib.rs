@@ -150,9 +150,8 @@ impl Counters {
 
     /// Sent messages with no outcome yet.
     fn outstanding(&self) -> u64 {
-        let resolved = Self::get(&self.acknowledged)
-            + Self::get(&self.rejected)
-            + Self::get(&self.failed);
+        let resolved =
+            Self::get(&self.acknowledged) + Self::get(&self.rejected) + Self::get(&self.failed);
         Self::get(&self.sent).saturating_sub(resolved)
     }
 }
@@ -188,8 +187,8 @@ fn seconds<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> 
 /// Runs the fleet against `target` until `stop` is cancelled or `run_for` has passed, then
 /// waits up to [`DRAIN_TIMEOUT`] for outstanding acknowledgements and reports. Anomalies are
 /// written to `truth` as JSON lines `{event_id, device, occurred_at, metric, kind, value}` as
-/// they are sent. Errors only for a bad config, target URL or truth file; transport trouble is
-/// in the report.
+/// they are sent. `counters` should be fresh: the report is read from them. Errors only for a
+/// bad config, target URL or truth file; transport trouble is in the report.
 pub async fn run(
     config: &FleetConfig,
     target: &Target,
@@ -474,10 +473,9 @@ impl Health {
         s.last_error = Some(error);
     }
 
+    /// Sending must stop, for `reason`.
     fn set_fatal(&self, reason: String) {
-        let mut s = self.lock();
-        s.last_error = Some(reason.clone());
-        s.fatal.get_or_insert(reason);
+        self.lock().fatal.get_or_insert(reason);
     }
 
     fn fatal(&self) -> Option<String> {

@@ -222,7 +222,9 @@ async fn drive(
                 | ConnectReturnCode::NotAuthorized
                 | ConnectReturnCode::BadClientId),
             )) => {
-                health.set_fatal(format!("{target} refused the connection: {code:?}"));
+                let reason = format!("{target} refused the connection: {code:?}");
+                health.note(reason.clone());
+                health.set_fatal(reason);
                 sending.cancel();
                 return;
             }

@@ -61,10 +61,17 @@ async fn events(State(api): State<Arc<Api>>, headers: HeaderMap, body: Bytes) ->
 
 fn answer(api: &Api, headers: &HeaderMap, body: &[u8]) -> (StatusCode, Value, u64, u64) {
     let bearer = format!("Bearer {KEY}");
-    if headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) != Some(&bearer) {
+    if headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        != Some(&bearer)
+    {
         return (StatusCode::UNAUTHORIZED, json!({"error": "bad key"}), 0, 0);
     }
-    if headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) != Some("application/json")
+    if headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        != Some("application/json")
     {
         return (StatusCode::UNSUPPORTED_MEDIA_TYPE, json!({}), 0, 0);
     }
@@ -76,7 +83,10 @@ fn answer(api: &Api, headers: &HeaderMap, body: &[u8]) -> (StatusCode, Value, u6
         None => {}
     }
     let Ok(Value::Array(items)) = serde_json::from_slice::<Value>(body) else {
-        panic!("the body is not a JSON array: {}", String::from_utf8_lossy(body));
+        panic!(
+            "the body is not a JSON array: {}",
+            String::from_utf8_lossy(body)
+        );
     };
     let (mut accepted, mut rejected) = (Vec::new(), Vec::new());
     for (index, item) in items.iter().enumerate() {
@@ -210,7 +220,10 @@ async fn stops_on_a_refused_key() {
     let report = simulate(url, "wrong-key", None).await;
     let reason = report.stopped_early.clone().unwrap();
     assert!(reason.contains("401"), "{reason}");
-    assert!(!reason.contains("wrong-key"), "no key in messages: {reason}");
+    assert!(
+        !reason.contains("wrong-key"),
+        "no key in messages: {reason}"
+    );
     assert_eq!(report.acknowledged, 0);
     assert_eq!(report.failed, report.sent);
     assert!(report.sent > 0);
@@ -218,47 +231,4 @@ async fn stops_on_a_refused_key() {
     let posts = api.posts.lock().unwrap();
     assert!(posts.iter().all(|p| p.status == StatusCode::UNAUTHORIZED));
     assert!(posts.len() <= 10, "{} requests", posts.len());
-}
-
-/// A quick throughput figure for the sending side, not a check: the server answers 202 without
-/// reading the events. `cargo test -p sluice-simulator --test http -- --ignored --nocapture`
-/// (SIM_RATE, SIM_SECS).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore]
-async fn throughput() {
-    async fn accept_all(_body: Bytes) -> StatusCode {
-        StatusCode::ACCEPTED
-    }
-    let app = Router::new().route("/v1/events", post(accept_all));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    let env = |name: &str, default: u64| {
-        std::env::var(name)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
-    let config = sluice_simulator::FleetConfig {
-        devices: 1_000,
-        rate: env("SIM_RATE", 40_000) as u32,
-        ..sluice_simulator::FleetConfig::default()
-    };
-    let target = Target::Http {
-        url,
-        key: KEY.to_owned(),
-        batch: 500,
-    };
-    let secs = Duration::from_secs(env("SIM_SECS", 5));
-    let report = run(
-        &config,
-        &target,
-        None,
-        Arc::default(),
-        CancellationToken::new(),
-        Some(secs),
-    )
-    .await
-    .unwrap();
-    println!("{}", serde_json::to_string_pretty(&report).unwrap());
 }

@@ -93,9 +93,11 @@ async fn every_message_arrives_in_the_edge_format_with_its_faults_and_truth() {
     assert!(report.sent >= 1_000, "{report:?}");
     assert_eq!(report.stopped_early, None);
     let expected = report.sent as usize;
-    wait_until("the subscriber has every message", Duration::from_secs(20), || {
-        received.lock().unwrap().len() >= expected
-    })
+    wait_until(
+        "the subscriber has every message",
+        Duration::from_secs(20),
+        || received.lock().unwrap().len() >= expected,
+    )
     .await;
     let messages = received.lock().unwrap().clone();
     assert_eq!(messages.len(), expected);
@@ -253,7 +255,10 @@ async fn stops_at_once_when_the_broker_refuses_the_credentials_and_works_with_go
     assert!(started.elapsed() < GIVE_UP_AFTER);
     let reason = report.stopped_early.clone().unwrap();
     assert!(reason.contains("refused the connection"), "{reason}");
-    assert!(!reason.contains("wrong"), "no password in messages: {reason}");
+    assert!(
+        !reason.contains("wrong"),
+        "no password in messages: {reason}"
+    );
     assert_eq!(report.acknowledged, 0);
 
     let good = format!("mqtt://{USER}:{PASSWORD}@127.0.0.1:{}", broker.port);
@@ -297,43 +302,10 @@ async fn rides_out_a_broker_restart() {
     stop.cancel();
     let report = handle.await.unwrap().unwrap();
     assert_eq!(report.stopped_early, None);
-    assert_eq!(report.sent, report.acknowledged + report.failed, "{report:?}");
+    assert_eq!(
+        report.sent,
+        report.acknowledged + report.failed,
+        "{report:?}"
+    );
     assert!(report.last_error.is_some(), "{report:?}");
-}
-
-/// A quick throughput figure, not a check: `cargo test -p sluice-simulator --test mqtt --
-/// --ignored --nocapture` (SIM_RATE, SIM_SECS, SIM_SUBSCRIBE=1 for a mosquitto_sub reading all).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore]
-async fn throughput() {
-    let broker = Mosquitto::start();
-    let env = |name: &str, default: u64| {
-        std::env::var(name)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
-    let mut sub = (env("SIM_SUBSCRIBE", 0) == 1).then(|| {
-        std::process::Command::new("mosquitto_sub")
-            .args(["-p", &broker.port.to_string(), "-q", "1", "-t", "devices/#"])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap()
-    });
-    let config = FleetConfig {
-        devices: 1_000,
-        rate: env("SIM_RATE", 20_000) as u32,
-        ..FleetConfig::default()
-    };
-    let report = run_for(
-        &config,
-        broker.url(),
-        Duration::from_secs(env("SIM_SECS", 5)),
-    )
-    .await;
-    println!("{}", serde_json::to_string_pretty(&report).unwrap());
-    if let Some(sub) = &mut sub {
-        let _ = sub.kill();
-        let _ = sub.wait();
-    }
 }

@@ -1,9 +1,9 @@
 //! The MQTT broker `sluice dev` embeds (`rumqttd`), so devices and `mosquitto_pub` have
 //! something to publish to without installing a broker.
 //!
-//! It keeps its state in memory: messages it acknowledged to a device but had not yet handed
-//! to the bridge are lost if the process dies (a clean stop drains them). Production runs an
-//! external broker with persistent sessions instead.
+//! It keeps its state in memory and acknowledges a device's message on receipt: what it has
+//! not yet handed to the bridge is lost if the process dies (`sluice dev` drains it on a clean
+//! stop). Production runs an external broker with persistent sessions instead.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -35,7 +35,7 @@ impl EmbeddedBroker {
                 connection_timeout_ms: 60_000,
                 max_payload_size: MAX_PAYLOAD_BYTES,
                 // The bridge acknowledges after each log write; a wide window keeps it busy.
-                max_inflight_count: 1000,
+                max_inflight_count: 5000,
                 auth: None,
                 external_auth: None,
                 dynamic_filters: true,
