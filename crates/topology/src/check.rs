@@ -489,7 +489,7 @@ fn check_mqtt(c: &MqttBridgeConfig, at: &str, out: &mut Vec<Issue>) {
     {
         out.push(Issue::new(
             format!("{at}.client_id"),
-            "must not be empty; leave it out to let the broker assign one",
+            "must not be empty; leave it out for the default sluice-<processor name>",
         ));
     }
     if let Some(group) = &c.shared_group
@@ -498,6 +498,19 @@ fn check_mqtt(c: &MqttBridgeConfig, at: &str, out: &mut Vec<Issue>) {
         out.push(Issue::new(
             format!("{at}.shared_group"),
             format!("\"{group}\" must be non-empty and contain no '/', '+' or '#'"),
+        ));
+    }
+    at_least_one(as_u64(c.max_batch), format!("{at}.max_batch"), out);
+    if c.username.is_none() && c.password_env.is_some() {
+        out.push(Issue::new(
+            format!("{at}.password_env"),
+            "a password needs a username; set username too",
+        ));
+    }
+    if (c.tls_ca.is_some() || c.tls_client_pkcs12.is_some()) && !c.broker.starts_with("mqtts://") {
+        out.push(Issue::new(
+            format!("{at}.broker"),
+            "TLS files are set but the broker URL is not mqtts://",
         ));
     }
 }
@@ -523,6 +536,12 @@ fn check_http(c: &HttpIngestConfig, at: &str, out: &mut Vec<Issue>) {
         format!("{at}.rate_limit_per_key"),
         out,
     );
+    at_least_one(
+        as_u64(c.max_event_bytes),
+        format!("{at}.max_event_bytes"),
+        out,
+    );
+    positive(c.persist_timeout, format!("{at}.persist_timeout"), out);
 }
 
 fn check_validator(c: &IngestValidatorConfig, at: &str, out: &mut Vec<Issue>) {

@@ -478,3 +478,39 @@ fn serialized_topology_parses_back_the_same() {
     let again: Topology = parse(&yaml).unwrap_or_else(|e| panic!("{:#?}\n{yaml}", lines(&e)));
     assert_eq!(again, topology);
 }
+
+#[test]
+fn edge_config_checks() {
+    let text = "\
+name: edge
+topics:
+  - { name: ingest.raw }
+processors:
+  - name: bridge
+    kind: mqtt-bridge
+    outputs: { raw: ingest.raw }
+    config:
+      broker: mqtt://127.0.0.1:1883
+      password_env: MQTT_PASSWORD
+      tls_ca: /etc/ca.pem
+      max_batch: 0
+  - name: http
+    kind: http-ingest
+    outputs: { raw: ingest.raw }
+    config:
+      max_event_bytes: 0
+      persist_timeout: 0s
+";
+    assert_eq!(
+        validate(text),
+        [
+            "processors[0] (bridge).config.max_batch: must be at least 1",
+            "processors[0] (bridge).config.password_env: a password needs a username; set \
+             username too",
+            "processors[0] (bridge).config.broker: TLS files are set but the broker URL is not \
+             mqtts://",
+            "processors[1] (http).config.max_event_bytes: must be at least 1",
+            "processors[1] (http).config.persist_timeout: must be longer than 0",
+        ]
+    );
+}
