@@ -45,6 +45,89 @@ impl Mosquitto {
         Self::launch(dir, free_port(), extra)
     }
 
+    /// Starts a broker that speaks only TLS, with a certificate for 127.0.0.1 signed by a CA
+    /// of its own; returns it and the CA certificate (PEM) clients must trust.
+    pub fn with_tls() -> (Mosquitto, PathBuf) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let d = dir.path();
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(d)
+                .output()
+                .expect("openssl runs (is it installed?)");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=sluice-test-ca",
+        ]);
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ]);
+        std::fs::write(d.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").expect("write san.ext");
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ]);
+        // Mosquitto started as root reads these after dropping to its own user.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let open =
+                |p: &Path, mode| std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode));
+            open(d, 0o755).expect("chmod");
+            for f in ["ca.pem", "server.pem", "server.key"] {
+                open(&d.join(f), 0o644).expect("chmod");
+            }
+        }
+        let ca = d.join("ca.pem");
+        let extra = format!(
+            "allow_anonymous true\ncafile {}\ncertfile {}\nkeyfile {}\n",
+            ca.display(),
+            d.join("server.pem").display(),
+            d.join("server.key").display()
+        );
+        (Self::launch(dir, free_port(), extra), ca)
+    }
+
     fn launch(dir: tempfile::TempDir, port: u16, extra: String) -> Mosquitto {
         let conf = dir.path().join("mosquitto.conf");
         // A wide in-flight window and an unbounded queue: the broker must not be the one
@@ -134,21 +217,18 @@ pub fn free_port() -> u16 {
 /// Publishes each of `lines` as one QoS 1 message to `topic` with `mosquitto_pub -l`, and
 /// waits for it to finish (every message acknowledged by the broker).
 pub fn publish_lines(port: u16, topic: &str, lines: &[String], auth: Option<(&str, &str)>) {
-    let mut cmd = Command::new("mosquitto_pub");
-    cmd.args([
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &port.to_string(),
-        "-q",
-        "1",
-        "-t",
-        topic,
-        "-l",
-    ]);
+    let mut extra = Vec::new();
     if let Some((user, password)) = auth {
-        cmd.args(["-u", user, "-P", password]);
+        extra.extend(["-u", user, "-P", password].map(str::to_owned));
     }
+    publish_lines_with(port, topic, lines, &extra);
+}
+
+/// [`publish_lines`] with more `mosquitto_pub` arguments (e.g. `--cafile`).
+pub fn publish_lines_with(port: u16, topic: &str, lines: &[String], extra: &[String]) {
+    let mut cmd = Command::new("mosquitto_pub");
+    cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1"]);
+    cmd.args(["-t", topic, "-l"]).args(extra);
     let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::null())

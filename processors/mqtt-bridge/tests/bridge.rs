@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use sluice_log::{EmbeddedLog, EmbeddedOptions, Log, TopicSpec};
-use sluice_mqtt_bridge::testing::{Mosquitto, PASSWORD, USER, publish_lines};
+use sluice_mqtt_bridge::testing::{Mosquitto, PASSWORD, USER, publish_lines, publish_lines_with};
 use sluice_mqtt_bridge::{EmbeddedBroker, Error, Settings, Stats};
 use sluice_schemas::{EventCodec, Registry, SchemaDir};
 use sluice_store::testing::until;
@@ -350,5 +350,91 @@ async fn malformed_messages_are_dead_lettered_with_their_bytes() {
         .await
         .unwrap();
     assert!(letters.iter().any(|l| l.raw == b"this is not json"));
+    bridge.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bridge_speaks_tls_to_a_broker_with_its_own_ca() {
+    let (broker, ca) = Mosquitto::with_tls();
+    let rig = Rig::new().await;
+    let mut tls = settings(
+        &format!("mqtts://127.0.0.1:{}", broker.port()),
+        "bridge-tls",
+    );
+    tls.config.tls_ca = Some(ca.display().to_string());
+    let bridge = rig.bridge(tls);
+    subscribed(&bridge, 1).await;
+    let (ids, lines) = readings(200);
+    let (port, extra) = (
+        broker.port(),
+        vec!["--cafile".to_owned(), ca.display().to_string()],
+    );
+    tokio::task::spawn_blocking(move || {
+        publish_lines_with(port, "devices/dev-8/telemetry", &lines, &extra)
+    })
+    .await
+    .unwrap();
+    rig.assert_exactly(&ids).await;
+    bridge.stop().await;
+
+    // Without the CA the broker's certificate is not trusted: no connection, no crash.
+    let untrusted = rig.bridge(settings(
+        &format!("mqtts://127.0.0.1:{}", broker.port()),
+        "bridge-untrusted",
+    ));
+    let stats = untrusted.stats.clone();
+    until("a refused TLS handshake", DEADLINE, async || {
+        stats.connection_errors.load(Ordering::Relaxed) >= 1
+    })
+    .await;
+    assert_eq!(untrusted.stats.connections.load(Ordering::Relaxed), 0);
+    untrusted.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn avro_in_the_wire_format_passes_through_to_the_store() {
+    use rumqttc::{AsyncClient, MqttOptions, QoS};
+    let broker = EmbeddedBroker::start(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+    let rig = Rig::new().await;
+    let bridge = rig.bridge(settings(&broker.url(), "bridge-avro"));
+    subscribed(&bridge, 1).await;
+    let registry = Arc::new(Registry::in_memory());
+    registry
+        .register_dir(
+            &SchemaDir::load(&PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../schemas"
+            )))
+            .unwrap(),
+        )
+        .unwrap();
+    let codec = EventCodec::new(registry);
+    let event = sluice_core::Event::new(
+        sluice_core::EventType::new("sensor.reading").unwrap(),
+        "dev-9",
+        chrono::Utc::now(),
+        json!({"temperature_c": 19.5}),
+        sluice_core::Source::Mqtt,
+    )
+    .unwrap();
+    let (bytes, _) = codec.encode(&event).await.unwrap();
+    let (client, mut events) = AsyncClient::new(
+        MqttOptions::new("avro-device", "127.0.0.1", broker.addr().port()),
+        10,
+    );
+    client
+        .publish("devices/dev-9/telemetry", QoS::AtLeastOnce, false, bytes)
+        .await
+        .unwrap();
+    let poller = tokio::spawn(async move { while events.poll().await.is_ok() {} });
+    rig.assert_exactly(&[event.event_id]).await;
+    let stored = rig
+        .store
+        .event_by_id(event.event_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.event.payload["temperature_c"], 19.5);
+    poller.abort();
     bridge.stop().await;
 }
