@@ -51,18 +51,22 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
     }
     // The bridge only moves bytes from the broker to the log; everything else has a store.
     let needs_store = processor.kind != Kind::MqttBridge;
-    let (Some(log_url), store_url) = (args.log.as_deref(), args.store.as_deref()) else {
-        return usage_error(&format!(
-            "sluice run {} needs --log URL (or SLUICE__LOG)",
-            processor.name
-        ));
+    let store_url = args.store.as_deref();
+    let log_url = match args.log.as_deref() {
+        Some(url) if store_url.is_some() || !needs_store => url,
+        _ if needs_store => {
+            return usage_error(&format!(
+                "sluice run {} needs --log URL and --store URL (or SLUICE__LOG and SLUICE__STORE)",
+                processor.name
+            ));
+        }
+        _ => {
+            return usage_error(&format!(
+                "sluice run {} needs --log URL (or SLUICE__LOG)",
+                processor.name
+            ));
+        }
     };
-    if needs_store && store_url.is_none() {
-        return usage_error(&format!(
-            "sluice run {} needs --log URL and --store URL (or SLUICE__LOG and SLUICE__STORE)",
-            processor.name
-        ));
-    }
     runtime()?.block_on(async {
         let store = match store_url.filter(|_| needs_store) {
             Some(url) => {
@@ -184,6 +188,9 @@ impl Wiring<'_> {
         if let Ok(id) = std::env::var("SLUICE__MQTT_CLIENT_ID") {
             settings.config.client_id = Some(id);
         }
+        if let Ok(url) = std::env::var("SLUICE__MQTT_BROKER") {
+            settings.config.broker = url;
+        }
         if let Some(var) = &settings.config.password_env {
             let password = std::env::var(var).with_context(|| {
                 format!(
@@ -247,6 +254,9 @@ impl Wiring<'_> {
         let mut settings = Settings::new(&p.name, self.raw_output()?);
         if let KindConfig::HttpIngest(config) = &p.config {
             settings.config = config.clone();
+        }
+        if let Ok(addr) = std::env::var("SLUICE__HTTP_ADDR") {
+            settings.config.listen = addr;
         }
         let addr = settings.config.listen.clone();
         let listener = tokio::net::TcpListener::bind(&addr)

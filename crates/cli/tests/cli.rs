@@ -507,8 +507,13 @@ fn bench_ingest_refuses_a_store_with_a_waiting_outbox() {
 /// Starts `sluice run <processor>` on a fresh embedded log and SQLite store, waits for its
 /// start line, sends SIGTERM and expects a clean exit within 10 s.
 fn run_until_sigterm(processor: &str) {
+    run_until_sigterm_with(processor, &[]);
+}
+
+fn run_until_sigterm_with(processor: &str, env: &[(&str, String)]) {
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .args(["run", processor, "--topology", "topologies/default.yaml"])
         .arg("--log")
         .arg(format!("embedded://{}/log", dir.path().display()))
@@ -587,6 +592,20 @@ fn run_ingest_validator_starts_and_stops_cleanly_on_sigterm() {
 #[test]
 fn run_outbox_relay_starts_and_stops_cleanly_on_sigterm() {
     run_until_sigterm("outbox-relay");
+}
+
+#[test]
+fn run_mqtt_bridge_starts_and_stops_cleanly_on_sigterm() {
+    let broker = sluice_mqtt_bridge::testing::Mosquitto::start();
+    run_until_sigterm_with("mqtt-bridge", &[("SLUICE__MQTT_BROKER", broker.url())]);
+}
+
+#[test]
+fn run_http_ingest_starts_and_stops_cleanly_on_sigterm() {
+    run_until_sigterm_with(
+        "http-ingest",
+        &[("SLUICE__HTTP_ADDR", "127.0.0.1:0".to_owned())],
+    );
 }
 
 #[test]
