@@ -8,9 +8,10 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Mosquitto, PASSWORD, USER, faulty_fleet, free_port, wait_until};
+use common::{faulty_fleet, wait_until};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::Value;
+use sluice_mqtt_bridge::testing::{Mosquitto, PASSWORD, USER, free_port};
 use sluice_simulator::{Counters, FleetConfig, GIVE_UP_AFTER, Report, Target, run};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -73,7 +74,7 @@ async fn run_for(config: &FleetConfig, url: String, d: Duration) -> Report {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_message_arrives_in_the_edge_format_with_its_faults_and_truth() {
     let broker = Mosquitto::start();
-    let (_client, received) = subscribe(broker.port).await;
+    let (_client, received) = subscribe(broker.port()).await;
     let dir = tempfile::tempdir().unwrap();
     let truth = dir.path().join("truth.jsonl");
     let config = faulty_fleet(1_000);
@@ -236,7 +237,7 @@ async fn gives_up_with_a_reason_when_the_broker_is_never_reachable() {
 #[tokio::test]
 async fn stops_at_once_when_the_broker_refuses_the_credentials_and_works_with_good_ones() {
     let broker = Mosquitto::with_password();
-    let bad = format!("mqtt://{USER}:wrong@127.0.0.1:{}", broker.port);
+    let bad = format!("mqtt://{USER}:wrong@127.0.0.1:{}", broker.port());
     let started = Instant::now();
     let report = tokio::time::timeout(
         Duration::from_secs(10),
@@ -261,7 +262,7 @@ async fn stops_at_once_when_the_broker_refuses_the_credentials_and_works_with_go
     );
     assert_eq!(report.acknowledged, 0);
 
-    let good = format!("mqtt://{USER}:{PASSWORD}@127.0.0.1:{}", broker.port);
+    let good = format!("mqtt://{USER}:{PASSWORD}@127.0.0.1:{}", broker.port());
     let report = run_for(&faulty_fleet(200), good, Duration::from_millis(500)).await;
     assert!(report.acknowledged > 0, "{report:?}");
     assert_eq!(report.acknowledged, report.sent);
