@@ -60,7 +60,8 @@ const BUILTIN_SCHEMAS: &[(&str, &str)] = &[
 const DEFAULT_MQTT: &str = "127.0.0.1:1883";
 const DEFAULT_HTTP: &str = "127.0.0.1:8080";
 const DEFAULT_REGISTRY: &str = "127.0.0.1:8081";
-/// How long a stop waits for the validator and the relay to take in what the edge wrote.
+/// How long a stop waits for the validator, the relay and the projector to take in what the
+/// edge wrote.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// How long a stop keeps taking messages from the embedded broker while they keep coming.
@@ -97,6 +98,9 @@ struct Counters {
     http: Arc<sluice_http_ingest::Stats>,
     validator: Arc<sluice_ingest_validator::Stats>,
     relay: Arc<sluice_outbox_relay::Stats>,
+    projector: Arc<sluice_projector::Stats>,
+    /// Whether a projector runs (the drain waits for it only then).
+    projecting: bool,
     simulator: Arc<sluice_simulator::Counters>,
 }
 
@@ -108,6 +112,22 @@ impl Counters {
     }
 
     /// Raw messages the validator took in (appended, duplicate or dead-lettered).
+    /// Whether the projector has taken in everything the relay published in this run.
+    fn projected_all(&self) -> bool {
+        let p = &self.projector;
+        let seen = [
+            &p.readings,
+            &p.duplicates,
+            &p.statuses,
+            &p.ignored,
+            &p.rejected,
+        ]
+        .iter()
+        .map(|c| c.load(Ordering::Relaxed))
+        .sum::<u64>();
+        !self.projecting || seen >= self.relay.published.load(Ordering::Relaxed)
+    }
+
     fn validated(&self) -> u64 {
         let v = &self.validator;
         v.appended.load(Ordering::Relaxed)
@@ -206,7 +226,7 @@ impl Dev {
         sluice_runtime::cancel_on_signals(stop.clone()).context("cannot handle SIGINT/SIGTERM")?;
         let (sim_tx, _) = mpsc::unbounded_channel();
         let mut sim_tasks = Tasks::new(&sim_tx);
-        let counters = Counters::default();
+        let mut counters = Counters::default();
         let (ended_tx, mut ended) = mpsc::unbounded_channel();
         let mut edge_tasks = Tasks::new(&ended_tx);
         let mut core_tasks = Tasks::new(&ended_tx);
@@ -303,6 +323,24 @@ impl Dev {
                     );
                     core_tasks.spawn(name, async move {
                         sluice_outbox_relay::run(&settings, &log, &store, &stats, token)
+                            .await
+                            .map_err(Into::into)
+                    });
+                }
+                KindConfig::Projector(config) => {
+                    counters.projecting = true;
+                    let inputs: Vec<&str> = p.inputs.iter().map(String::as_str).collect();
+                    let mut settings = sluice_projector::Settings::new(&p.name, &inputs);
+                    settings.config = config.clone();
+                    let (log, store, codec, stats, token) = (
+                        self.log.clone(),
+                        self.store.clone(),
+                        codec.clone(),
+                        counters.projector.clone(),
+                        core.clone(),
+                    );
+                    core_tasks.spawn(name, async move {
+                        sluice_projector::run(&settings, &log, &store, &codec, &stats, token)
                             .await
                             .map_err(Into::into)
                     });
@@ -527,7 +565,7 @@ async fn drain(counters: &Counters, store: &Store) -> bool {
     let deadline = Instant::now() + DRAIN_TIMEOUT;
     loop {
         let outbox = store.outbox_depth().await.unwrap_or(u64::MAX);
-        if counters.validated() >= counters.written() && outbox == 0 {
+        if counters.validated() >= counters.written() && outbox == 0 && counters.projected_all() {
             return true;
         }
         if Instant::now() > deadline {
@@ -557,6 +595,7 @@ fn spawn_progress(counters: Arc<Counters>, store: Store) -> JoinHandle<()> {
                 duplicates = counters.validator.duplicates.load(Ordering::Relaxed),
                 dead_lettered = counters.validator.rejected.load(Ordering::Relaxed),
                 published = counters.relay.published.load(Ordering::Relaxed),
+                projected = counters.projector.readings.load(Ordering::Relaxed),
                 simulated = counters.simulator.sent.load(Ordering::Relaxed),
                 outbox,
                 "progress"

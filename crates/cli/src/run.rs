@@ -41,8 +41,12 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
         );
     };
     match processor.kind {
-        Kind::IngestValidator | Kind::OutboxRelay | Kind::MqttBridge | Kind::HttpIngest => {}
-        Kind::Projector | Kind::Inferencer | Kind::ActionRouter | Kind::Executor => {
+        Kind::IngestValidator
+        | Kind::OutboxRelay
+        | Kind::MqttBridge
+        | Kind::HttpIngest
+        | Kind::Projector => {}
+        Kind::Inferencer | Kind::ActionRouter | Kind::Executor => {
             return not_available(
                 &format!("run {} (kind {})", processor.name, processor.kind),
                 "a later issue (projections, inference and actions)",
@@ -135,7 +139,9 @@ impl Wiring<'_> {
     async fn on<L: Log>(&self, log: L, store: Option<&Store>, create_topics: bool) -> Result<()> {
         let p = self.processor;
         let topics: Vec<&str> = match p.kind {
-            Kind::IngestValidator => p.inputs.iter().map(String::as_str).collect(),
+            Kind::IngestValidator | Kind::Projector => {
+                p.inputs.iter().map(String::as_str).collect()
+            }
             _ => p.outputs.values().map(String::as_str).collect(),
         };
         ensure_topics(&log, self.topology, &topics, create_topics).await?;
@@ -148,6 +154,9 @@ impl Wiring<'_> {
                 self.validator(&log, store, self.schemas()?, token).await
             }
             (Kind::HttpIngest, Some(store)) => self.http(&log, store, self.schemas()?, token).await,
+            (Kind::Projector, Some(store)) => {
+                self.projector(&log, store, self.schemas()?, token).await
+            }
             (_, Some(store)) => self.relay(&log, store, token).await,
             (_, None) => bail!("{} needs a store", p.name),
         }
@@ -375,6 +384,63 @@ impl Wiring<'_> {
             appended = stats.appended.load(Ordering::Relaxed),
             duplicates = stats.duplicates.load(Ordering::Relaxed),
             rejected = stats.rejected.load(Ordering::Relaxed),
+            ok = result.is_ok(),
+            "stopped"
+        );
+        result
+    }
+
+    async fn projector<L: Log>(
+        &self,
+        log: &L,
+        store: &Store,
+        schemas: AnySchemas,
+        token: CancellationToken,
+    ) -> Result<()> {
+        use sluice_projector::{Settings, Stats};
+        let p = self.processor;
+        let inputs: Vec<&str> = p.inputs.iter().map(String::as_str).collect();
+        let mut settings = Settings::new(&p.name, &inputs);
+        if let KindConfig::Projector(config) = &p.config {
+            settings.config = config.clone();
+        }
+        let codec = EventCodec::new(schemas);
+        let stats = Arc::new(Stats::default());
+        tracing::info!(
+            processor = %p.name,
+            kind = %p.kind,
+            inputs = ?p.inputs,
+            version = settings.version,
+            log = %self.log_url,
+            store = %redact(self.store_url),
+            "started"
+        );
+        let progress = {
+            let stats = stats.clone();
+            let name = p.name.clone();
+            let mut previous = 0;
+            every(PROGRESS_EVERY, move || {
+                let readings = stats.readings.load(Ordering::Relaxed);
+                tracing::info!(
+                    processor = %name,
+                    readings,
+                    readings_per_s = rate(&mut previous, readings),
+                    duplicates = stats.duplicates.load(Ordering::Relaxed),
+                    late = stats.late.load(Ordering::Relaxed),
+                    statuses = stats.statuses.load(Ordering::Relaxed),
+                    rejected = stats.rejected.load(Ordering::Relaxed),
+                    skipped = stats.skipped.load(Ordering::Relaxed),
+                    "progress"
+                );
+            })
+        };
+        let result = sluice_projector::run(&settings, log, store, &codec, &stats, token)
+            .await
+            .map_err(anyhow::Error::from);
+        progress.abort();
+        tracing::info!(
+            processor = %p.name,
+            readings = stats.readings.load(Ordering::Relaxed),
             ok = result.is_ok(),
             "stopped"
         );

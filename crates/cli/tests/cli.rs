@@ -47,7 +47,7 @@ fn help_lists_the_whole_command_tree() {
 fn commands_of_later_components_say_so_and_exit_2() {
     for args in [
         &["sql", "select 1"][..],
-        &["run", "projector", "--topology", "topologies/default.yaml"],
+        &["run", "inferencer", "--topology", "topologies/default.yaml"],
         &["dlq", "list"],
     ] {
         let out = sluice(args);
@@ -574,7 +574,10 @@ fn run_until_sigterm_with(processor: &str, env: &[(&str, String)]) {
         .recv_timeout(Duration::from_secs(10))
         .unwrap_or_else(|_| panic!("{processor} did not stop within 10 s of SIGTERM"))
         .unwrap();
-    seen.extend(lines.try_iter());
+    // The reader thread ends at the pipe's end; its last lines may still be on the way.
+    while let Ok(line) = lines.recv_timeout(Duration::from_secs(5)) {
+        seen.push(line);
+    }
     assert_eq!(status.code(), Some(0), "{}", seen.join("\n"));
     assert!(
         seen.iter()

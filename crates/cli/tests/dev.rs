@@ -104,7 +104,11 @@ impl Dev {
         );
         let status = self.child.wait().unwrap();
         assert_eq!(status.code(), Some(0), "clean exit on SIGTERM");
-        let lines: Vec<String> = self.stdout.try_iter().collect();
+        // The reader thread ends at the pipe's end; its last lines may still be on the way.
+        let mut lines = Vec::new();
+        while let Ok(line) = self.stdout.recv_timeout(Duration::from_secs(5)) {
+            lines.push(line);
+        }
         lines.last().cloned().unwrap_or_default()
     }
 }
@@ -204,6 +208,8 @@ fn dev_takes_mqtt_and_http_and_continues_after_a_restart_without_loss_or_duplica
         summary.starts_with("sluice dev stopped: 500 written"),
         "{summary}"
     );
+    // A clean stop waits for the projector too: every reading is in the read models.
+    assert_projected(&data, 500);
 
     let dev = Dev::start(&data, &[]);
     let (more_ids, mut lines) = readings(100);
@@ -217,6 +223,17 @@ fn dev_takes_mqtt_and_http_and_continues_after_a_restart_without_loss_or_duplica
     all.extend(second_http.iter().map(id_of));
     assert_store_holds_exactly(&data, &all);
     dev.stop();
+    assert_projected(&data, 700);
+}
+
+fn assert_projected(data: &Path, readings: u64) {
+    let url = format!("sqlite://{}", data.join("sluice.db").display());
+    block_on(async {
+        let store = Store::connect(&url, StoreOptions::default()).await.unwrap();
+        assert_eq!(store.readings_count(1).await.unwrap(), readings);
+        assert!(store.device_latest(1, "dev-1").await.unwrap().is_some());
+        store.close().await;
+    });
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! The store of Sluice: the append-only event store, the transactional outbox, consumer offsets
-//! committed with the writes they produced, and the dead-letter table, on PostgreSQL
+//! committed with the writes they produced, the dead-letter table, and the projector's read
+//! models (latest state, readings, 1-minute and 1-hour rollups), on PostgreSQL
 //! (`postgres://...`) or SQLite (`sqlite://PATH`) through `sqlx`. Both pass one contract suite
 //! (`tests/contract`), and processors never see which one they run on.
 //!
@@ -25,6 +26,7 @@ mod keys;
 mod model;
 mod postgres;
 mod prepare;
+mod projections;
 mod sqlite;
 pub mod testing;
 
@@ -34,6 +36,9 @@ pub use model::{
     AppendBatch, AppendEvent, AppendOutcome, Appended, ConsumerOffset, DlqCount, DlqEntry,
     DlqFilter, DlqStatus, EventQuery, MaintainReport, NewDeadLetter, OutboxEntry, PartitionInfo,
     StoredEvent,
+};
+pub use projections::{
+    DeviceLatest, ProjectionBatch, ProjectionOutcome, Reading, Resolution, Rollup, StatusChange,
 };
 
 use keys::StoredKey;
@@ -348,6 +353,61 @@ impl Store {
         };
         let stored: Option<StoredKey> = dispatch!(self.api_key(id))?;
         Ok(stored.filter(|s| s.accepts(&secret)).map(|s| s.key))
+    }
+}
+
+impl Store {
+    /// Projects a batch into read model `batch.version`, in one transaction with its offsets:
+    /// the readings not stored yet (by event id), their 1-minute and 1-hour rollups updated
+    /// incrementally, each device's latest state, and the offsets. Nothing of it is stored if
+    /// anything fails. Repeats and out-of-order events are harmless: only new readings count
+    /// in rollups, and latest state only moves forward in (device time, event id).
+    ///
+    /// Assumes one writer per device at a time (the partition owner), as for appends: late-ness
+    /// is judged against the state read at the start of the transaction.
+    pub async fn project(&self, batch: &ProjectionBatch) -> Result<ProjectionOutcome> {
+        dispatch!(self.project(batch))
+    }
+
+    /// One device's latest state in projection `version`.
+    pub async fn device_latest(
+        &self,
+        version: i32,
+        device_id: &str,
+    ) -> Result<Option<DeviceLatest>> {
+        dispatch!(self.device_latest(version, device_id))
+    }
+
+    /// The stored rollups of `version`, of one device or all, by device, bucket and metric.
+    pub async fn rollups(
+        &self,
+        version: i32,
+        resolution: Resolution,
+        device_id: Option<&str>,
+    ) -> Result<Vec<Rollup>> {
+        dispatch!(self.rollups(version, resolution, device_id))
+    }
+
+    /// The rollups of `version` computed from the stored readings by one `GROUP BY`, ordered
+    /// like [`rollups`](Self::rollups): what the incremental ones must equal (sums up to
+    /// rounding). A full scan; for checks and rebuilds, not for serving.
+    pub async fn rollups_from_scratch(
+        &self,
+        version: i32,
+        resolution: Resolution,
+    ) -> Result<Vec<Rollup>> {
+        dispatch!(self.rollups_from_scratch(version, resolution))
+    }
+
+    /// Readings stored in `version`.
+    pub async fn readings_count(&self, version: i32) -> Result<u64> {
+        dispatch!(self.readings_count(version))
+    }
+
+    /// Deletes every row of projection `version` (readings, rollups, latest state) in one
+    /// transaction; returns how many rows were deleted.
+    pub async fn drop_projection_version(&self, version: i32) -> Result<u64> {
+        dispatch!(self.drop_projection_version(version))
     }
 }
 

@@ -23,6 +23,8 @@ use crate::model::{
 use crate::prepare::{EventRow, Prepared, from_micros, micros};
 use crate::{Error, ListenerInner, OUTBOX_CHANNEL, OutboxListener, Result, StoreOptions};
 
+mod projections;
+
 static MIGRATOR: Migrator = sqlx::migrate!("../../sql/postgres");
 
 /// Serialises partition changes between processes ("sluice" in ASCII, then 1).

@@ -7,7 +7,9 @@ use chrono::{DateTime, Utc};
 use sluice_runtime::DeadLetter;
 use uuid::Uuid;
 
-use crate::model::{AppendBatch, AppendEvent, AppendOutcome, Appended, NewDeadLetter};
+use crate::model::{
+    AppendBatch, AppendEvent, AppendOutcome, Appended, ConsumerOffset, NewDeadLetter,
+};
 use crate::{Error, Result};
 
 /// Microseconds since the epoch: the precision of `timestamptz` and of the envelope.
@@ -78,22 +80,11 @@ impl<'a> Prepared<'a> {
             });
         }
         let dead = batch.dead_letters.iter().map(DeadRow::new).collect();
-        let mut offsets = BTreeMap::new();
-        for o in &batch.offsets {
-            offsets.insert(
-                (o.group.as_str(), o.topic.as_str(), o.partition),
-                o.next_offset,
-            );
-        }
-        let offsets = offsets
-            .into_iter()
-            .map(|((g, t, p), o)| (g, t, p, o))
-            .collect();
         Ok(Self {
             batch,
             events,
             dead,
-            offsets,
+            offsets: offset_rows(&batch.offsets),
         })
     }
 
@@ -138,6 +129,21 @@ impl<'a> DeadRow<'a> {
             attempts: i32::try_from(l.attempts).unwrap_or(i32::MAX),
         }
     }
+}
+
+/// Offsets, one per (group, topic, partition), last one winning, sorted by key so that
+/// concurrent committers lock rows in the same order.
+pub(crate) fn offset_rows(offsets: &[ConsumerOffset]) -> Vec<(&str, &str, i32, i64)> {
+    let mut last = BTreeMap::new();
+    for o in offsets {
+        last.insert(
+            (o.group.as_str(), o.topic.as_str(), o.partition),
+            o.next_offset,
+        );
+    }
+    last.into_iter()
+        .map(|((g, t, p), o)| (g, t, p, o))
+        .collect()
 }
 
 fn json_text<T: serde::Serialize>(op: &'static str, v: &T) -> Result<String> {

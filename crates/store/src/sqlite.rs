@@ -28,6 +28,8 @@ use crate::model::{
 use crate::prepare::{EventRow, Prepared, chunk_sizes, from_micros, micros};
 use crate::{Error, ListenerInner, OutboxListener, Result, StoreOptions};
 
+mod projections;
+
 static MIGRATOR: Migrator = sqlx::migrate!("../../sql/sqlite");
 
 /// Rows per multi-row insert: 256 × 9 columns stays far below SQLite's 32,766 parameters.

@@ -103,6 +103,10 @@ contract!(
     revoked_api_keys_verify_as_nothing,
     api_keys_are_listed_without_secrets,
     api_keys_are_hashed_with_a_salt,
+    incremental_rollups_equal_rollups_from_scratch,
+    device_latest_keeps_the_newest,
+    projection_offsets_commit_atomically,
+    projection_versions_are_independent,
 );
 
 #[test]

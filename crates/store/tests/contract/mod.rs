@@ -20,7 +20,9 @@ use sluice_store::{
 use uuid::Uuid;
 
 mod keys;
+mod projections;
 pub use keys::*;
+pub use projections::*;
 
 /// A fresh database, and ways to reach it from outside the store under test.
 pub trait Harness: Sync {

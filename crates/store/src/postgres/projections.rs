@@ -1,0 +1,376 @@
+//! The projector's read models on PostgreSQL: one statement per table per batch, as appends.
+
+use std::collections::{HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
+use sqlx::Row;
+use sqlx::postgres::PgRow;
+use sqlx::types::Json;
+use uuid::Uuid;
+
+use super::{PgStore, UPSERT_OFFSETS};
+use crate::Result;
+use crate::error::db;
+use crate::prepare::offset_rows;
+use crate::projections::{
+    DeviceLatest, PreparedProjection, Prior, ProjectionBatch, ProjectionOutcome, Resolution, Rollup,
+};
+
+/// Rows are inserted in id order so that concurrent batches sharing ids lock them in the same
+/// order (see `INSERT_IDS`).
+const INSERT_READINGS: &str = "
+INSERT INTO readings (version, event_id, device_id, at, ingested_at, seq, temperature_c,
+                      humidity_pct, pressure_hpa, vibration_mm_s, battery_pct, extra)
+SELECT $1, u.event_id, u.device_id, u.at, u.ingested_at, u.seq, u.t, u.h, u.p, u.v, u.b,
+       u.extra::jsonb
+FROM unnest($2::uuid[], $3::text[], $4::timestamptz[], $5::timestamptz[], $6::int8[],
+            $7::float8[], $8::float8[], $9::float8[], $10::float8[], $11::float8[], $12::text[])
+     AS u(event_id, device_id, at, ingested_at, seq, t, h, p, v, b, extra)
+ORDER BY u.event_id
+ON CONFLICT (version, event_id) DO NOTHING
+RETURNING event_id";
+
+/// Locks the devices' rows (in device order) so late-ness is judged against a state nobody
+/// changes before we commit.
+const PRIOR: &str = "
+SELECT device_id, reading_at, reading_event_id, status_at, status_event_id
+FROM device_latest
+WHERE version = $1 AND device_id = ANY($2)
+ORDER BY device_id
+FOR UPDATE";
+
+/// Reading and status fields only move forward in (device time, event id).
+const UPSERT_DEVICES: &str = "
+INSERT INTO device_latest AS d (version, device_id, last_seen, reading_at, reading_event_id,
+                                reading, status, status_reason, status_at, status_event_id,
+                                late_readings)
+SELECT $1, u.device_id, u.last_seen, u.reading_at, u.reading_event_id, u.reading::jsonb,
+       u.status, u.status_reason, u.status_at, u.status_event_id, u.late
+FROM unnest($2::text[], $3::timestamptz[], $4::timestamptz[], $5::uuid[], $6::text[],
+            $7::text[], $8::text[], $9::timestamptz[], $10::uuid[], $11::int8[])
+     AS u(device_id, last_seen, reading_at, reading_event_id, reading, status, status_reason,
+          status_at, status_event_id, late)
+ON CONFLICT (version, device_id) DO UPDATE SET
+    last_seen = GREATEST(d.last_seen, excluded.last_seen),
+    reading_at = CASE WHEN newer_reading THEN excluded.reading_at ELSE d.reading_at END,
+    reading_event_id = CASE WHEN newer_reading THEN excluded.reading_event_id
+                            ELSE d.reading_event_id END,
+    reading = CASE WHEN newer_reading THEN excluded.reading ELSE d.reading END,
+    status = CASE WHEN newer_status THEN excluded.status ELSE d.status END,
+    status_reason = CASE WHEN newer_status THEN excluded.status_reason
+                         ELSE d.status_reason END,
+    status_at = CASE WHEN newer_status THEN excluded.status_at ELSE d.status_at END,
+    status_event_id = CASE WHEN newer_status THEN excluded.status_event_id
+                           ELSE d.status_event_id END,
+    late_readings = d.late_readings + excluded.late_readings";
+
+const NEWER_READING: &str = "(excluded.reading_at IS NOT NULL AND (d.reading_at IS NULL OR \
+     (excluded.reading_at, excluded.reading_event_id) > (d.reading_at, d.reading_event_id)))";
+const NEWER_STATUS: &str = "(excluded.status_at IS NOT NULL AND (d.status_at IS NULL OR \
+     (excluded.status_at, excluded.status_event_id) > (d.status_at, d.status_event_id)))";
+
+fn upsert_rollups(table: &str) -> String {
+    format!(
+        "
+INSERT INTO {table} AS r (version, device_id, bucket, metric, count, min, max, sum, last,
+                          last_at, last_event_id)
+SELECT $1, u.device_id, u.bucket, u.metric, u.count, u.min, u.max, u.sum, u.last, u.last_at,
+       u.last_event_id
+FROM unnest($2::text[], $3::timestamptz[], $4::text[], $5::int8[], $6::float8[], $7::float8[],
+            $8::float8[], $9::float8[], $10::timestamptz[], $11::uuid[])
+     AS u(device_id, bucket, metric, count, min, max, sum, last, last_at, last_event_id)
+ON CONFLICT (version, device_id, bucket, metric) DO UPDATE SET
+    count = r.count + excluded.count,
+    min = LEAST(r.min, excluded.min),
+    max = GREATEST(r.max, excluded.max),
+    sum = r.sum + excluded.sum,
+    last = CASE WHEN {newer} THEN excluded.last ELSE r.last END,
+    last_at = CASE WHEN {newer} THEN excluded.last_at ELSE r.last_at END,
+    last_event_id = CASE WHEN {newer} THEN excluded.last_event_id ELSE r.last_event_id END",
+        newer = "(excluded.last_at, excluded.last_event_id) > (r.last_at, r.last_event_id)"
+    )
+}
+
+/// `COLLATE "C"`: byte order, the same as SQLite and Rust whatever the database's locale.
+const ROLLUP_ORDER: &str = r#"ORDER BY device_id COLLATE "C", bucket, metric COLLATE "C""#;
+
+/// The rollups from the readings. `date_bin` from the epoch does not depend on the session
+/// time zone (`date_trunc` on timestamptz does).
+fn rollups_from_scratch_sql(width: &str) -> String {
+    format!(
+        "
+WITH m AS (
+    SELECT r.device_id, date_bin('{width}', r.at, timestamptz 'epoch') AS bucket, v.metric,
+           v.value, r.at, r.event_id
+    FROM readings r
+    CROSS JOIN LATERAL (VALUES ('temperature_c', r.temperature_c),
+                               ('humidity_pct', r.humidity_pct),
+                               ('pressure_hpa', r.pressure_hpa),
+                               ('vibration_mm_s', r.vibration_mm_s),
+                               ('battery_pct', r.battery_pct)) AS v(metric, value)
+    WHERE r.version = $1 AND v.value IS NOT NULL
+), ranked AS (
+    SELECT m.*, row_number() OVER (PARTITION BY device_id, bucket, metric
+                                   ORDER BY at DESC, event_id DESC) AS rn
+    FROM m
+)
+SELECT device_id, bucket, metric, count(*) AS count, min(value) AS min, max(value) AS max,
+       sum(value) AS sum, max(value) FILTER (WHERE rn = 1) AS last,
+       max(at) AS last_at
+FROM ranked
+GROUP BY device_id, bucket, metric
+{ROLLUP_ORDER}"
+    )
+}
+
+impl PgStore {
+    pub async fn project(&self, batch: &ProjectionBatch) -> Result<ProjectionOutcome> {
+        const OP: &str = "project";
+        let p = PreparedProjection::new(batch)?;
+        let version = batch.version;
+        let mut tx = self.pool.begin().await.map_err(db(OP))?;
+
+        let mut new: HashSet<Uuid> = HashSet::new();
+        if !p.readings.is_empty() {
+            let r = &p.readings;
+            let ids: Vec<Uuid> = sqlx::query_scalar(INSERT_READINGS)
+                .bind(version)
+                .bind(r.iter().map(|x| x.src.event_id).collect::<Vec<_>>())
+                .bind(
+                    r.iter()
+                        .map(|x| x.src.device_id.as_str())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(r.iter().map(|x| x.at).collect::<Vec<_>>())
+                .bind(r.iter().map(|x| x.ingested_at).collect::<Vec<_>>())
+                .bind(r.iter().map(|x| x.src.seq).collect::<Vec<_>>())
+                .bind(r.iter().map(|x| x.src.temperature_c).collect::<Vec<_>>())
+                .bind(r.iter().map(|x| x.src.humidity_pct).collect::<Vec<_>>())
+                .bind(r.iter().map(|x| x.src.pressure_hpa).collect::<Vec<_>>())
+                .bind(r.iter().map(|x| x.src.vibration_mm_s).collect::<Vec<_>>())
+                .bind(r.iter().map(|x| x.src.battery_pct).collect::<Vec<_>>())
+                .bind(r.iter().map(|x| x.extra.as_str()).collect::<Vec<_>>())
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db(OP))?;
+            new.extend(ids);
+        }
+
+        let devices = p.devices();
+        let mut prior: HashMap<String, Prior> = HashMap::new();
+        if !devices.is_empty() {
+            let rows = sqlx::query(PRIOR)
+                .bind(version)
+                .bind(&devices)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db(OP))?;
+            for row in rows {
+                let at: Option<DateTime<Utc>> = row.try_get("reading_at").map_err(db(OP))?;
+                let id: Option<Uuid> = row.try_get("reading_event_id").map_err(db(OP))?;
+                let s_at: Option<DateTime<Utc>> = row.try_get("status_at").map_err(db(OP))?;
+                let s_id: Option<Uuid> = row.try_get("status_event_id").map_err(db(OP))?;
+                prior.insert(
+                    row.try_get("device_id").map_err(db(OP))?,
+                    Prior {
+                        reading: at.zip(id),
+                        status: s_at.zip(s_id),
+                    },
+                );
+            }
+        }
+        let plan = p.plan(&new, &prior)?;
+
+        for (res, rows) in Resolution::ALL.into_iter().zip(&plan.rollups) {
+            if rows.is_empty() {
+                continue;
+            }
+            sqlx::query(&upsert_rollups(res.table()))
+                .bind(version)
+                .bind(
+                    rows.iter()
+                        .map(|x| x.device_id.as_str())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(rows.iter().map(|x| x.bucket).collect::<Vec<_>>())
+                .bind(rows.iter().map(|x| x.metric).collect::<Vec<_>>())
+                .bind(rows.iter().map(|x| x.count).collect::<Vec<_>>())
+                .bind(rows.iter().map(|x| x.min).collect::<Vec<_>>())
+                .bind(rows.iter().map(|x| x.max).collect::<Vec<_>>())
+                .bind(rows.iter().map(|x| x.sum).collect::<Vec<_>>())
+                .bind(rows.iter().map(|x| x.last).collect::<Vec<_>>())
+                .bind(rows.iter().map(|x| x.last_at).collect::<Vec<_>>())
+                .bind(rows.iter().map(|x| x.last_event_id).collect::<Vec<_>>())
+                .execute(&mut *tx)
+                .await
+                .map_err(db(OP))?;
+        }
+
+        if !plan.devices.is_empty() {
+            let d = &plan.devices;
+            let sql = UPSERT_DEVICES
+                .replace("newer_reading", NEWER_READING)
+                .replace("newer_status", NEWER_STATUS);
+            sqlx::query(&sql)
+                .bind(version)
+                .bind(d.iter().map(|x| x.device_id).collect::<Vec<_>>())
+                .bind(d.iter().map(|x| x.last_seen).collect::<Vec<_>>())
+                .bind(
+                    d.iter()
+                        .map(|x| x.reading.as_ref().map(|r| r.0))
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    d.iter()
+                        .map(|x| x.reading.as_ref().map(|r| r.1))
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    d.iter()
+                        .map(|x| x.reading.as_ref().map(|r| r.2.as_str()))
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    d.iter()
+                        .map(|x| x.status.map(|s| s.1.state.as_str()))
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    d.iter()
+                        .map(|x| x.status.and_then(|s| s.1.reason.as_deref()))
+                        .collect::<Vec<_>>(),
+                )
+                .bind(d.iter().map(|x| x.status.map(|s| s.0)).collect::<Vec<_>>())
+                .bind(
+                    d.iter()
+                        .map(|x| x.status.map(|s| s.1.event_id))
+                        .collect::<Vec<_>>(),
+                )
+                .bind(d.iter().map(|x| x.late).collect::<Vec<_>>())
+                .execute(&mut *tx)
+                .await
+                .map_err(db(OP))?;
+        }
+
+        let o = offset_rows(&batch.offsets);
+        if !o.is_empty() {
+            sqlx::query(UPSERT_OFFSETS)
+                .bind(o.iter().map(|x| x.0).collect::<Vec<_>>())
+                .bind(o.iter().map(|x| x.1).collect::<Vec<_>>())
+                .bind(o.iter().map(|x| x.2).collect::<Vec<_>>())
+                .bind(o.iter().map(|x| x.3).collect::<Vec<_>>())
+                .execute(&mut *tx)
+                .await
+                .map_err(db(OP))?;
+        }
+        tx.commit().await.map_err(db(OP))?;
+        Ok(plan.outcome)
+    }
+
+    pub async fn device_latest(
+        &self,
+        version: i32,
+        device_id: &str,
+    ) -> Result<Option<DeviceLatest>> {
+        const OP: &str = "device_latest";
+        let row = sqlx::query(
+            "SELECT device_id, last_seen, reading_at, reading, status, status_reason, status_at,
+                    late_readings
+             FROM device_latest WHERE version = $1 AND device_id = $2",
+        )
+        .bind(version)
+        .bind(device_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db(OP))?;
+        let Some(row) = row else { return Ok(None) };
+        let reading: Option<Json<serde_json::Value>> = row.try_get("reading").map_err(db(OP))?;
+        Ok(Some(DeviceLatest {
+            device_id: row.try_get("device_id").map_err(db(OP))?,
+            last_seen: row.try_get("last_seen").map_err(db(OP))?,
+            reading_at: row.try_get("reading_at").map_err(db(OP))?,
+            reading: reading.map(|Json(v)| v),
+            status: row.try_get("status").map_err(db(OP))?,
+            status_reason: row.try_get("status_reason").map_err(db(OP))?,
+            status_at: row.try_get("status_at").map_err(db(OP))?,
+            late_readings: row.try_get("late_readings").map_err(db(OP))?,
+        }))
+    }
+
+    pub async fn rollups(
+        &self,
+        version: i32,
+        resolution: Resolution,
+        device_id: Option<&str>,
+    ) -> Result<Vec<Rollup>> {
+        let rows = sqlx::query(&format!(
+            "SELECT device_id, bucket, metric, count, min, max, sum, last, last_at
+             FROM {} WHERE version = $1 AND ($2::text IS NULL OR device_id = $2)
+             {ROLLUP_ORDER}",
+            resolution.table()
+        ))
+        .bind(version)
+        .bind(device_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("rollups"))?;
+        rows.iter().map(rollup_from_row).collect()
+    }
+
+    pub async fn rollups_from_scratch(
+        &self,
+        version: i32,
+        resolution: Resolution,
+    ) -> Result<Vec<Rollup>> {
+        let width = match resolution {
+            Resolution::Minute => "1 minute",
+            Resolution::Hour => "1 hour",
+        };
+        let rows = sqlx::query(&rollups_from_scratch_sql(width))
+            .bind(version)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("rollups_from_scratch"))?;
+        rows.iter().map(rollup_from_row).collect()
+    }
+
+    pub async fn readings_count(&self, version: i32) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM readings WHERE version = $1")
+            .bind(version)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db("readings_count"))?;
+        Ok(n.unsigned_abs())
+    }
+
+    pub async fn drop_projection_version(&self, version: i32) -> Result<u64> {
+        const OP: &str = "drop_projection_version";
+        let mut tx = self.pool.begin().await.map_err(db(OP))?;
+        let mut n = 0;
+        for table in ["readings", "readings_1m", "readings_1h", "device_latest"] {
+            n += sqlx::query(&format!("DELETE FROM {table} WHERE version = $1"))
+                .bind(version)
+                .execute(&mut *tx)
+                .await
+                .map_err(db(OP))?
+                .rows_affected();
+        }
+        tx.commit().await.map_err(db(OP))?;
+        Ok(n)
+    }
+}
+
+fn rollup_from_row(row: &PgRow) -> Result<Rollup> {
+    const OP: &str = "read rollups";
+    Ok(Rollup {
+        device_id: row.try_get("device_id").map_err(db(OP))?,
+        bucket: row.try_get("bucket").map_err(db(OP))?,
+        metric: row.try_get("metric").map_err(db(OP))?,
+        count: row.try_get("count").map_err(db(OP))?,
+        min: row.try_get("min").map_err(db(OP))?,
+        max: row.try_get("max").map_err(db(OP))?,
+        sum: row.try_get("sum").map_err(db(OP))?,
+        last: row.try_get("last").map_err(db(OP))?,
+        last_at: row.try_get("last_at").map_err(db(OP))?,
+    })
+}

@@ -1,0 +1,552 @@
+//! The projector's read models: incremental rollups equal rollups computed from scratch
+//! whatever the batching, repeats and arrival order; latest state only moves forward; offsets
+//! commit with the projection; versions do not touch each other.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use chrono::{DateTime, TimeDelta, Utc};
+use serde_json::json;
+use sluice_store::{
+    ConsumerOffset, Error, ProjectionBatch, ProjectionOutcome, Reading, Resolution, Rollup,
+    StatusChange, Store,
+};
+use uuid::Uuid;
+
+use super::{Harness, Lcg};
+
+const GROUP: &str = "projector";
+const TOPIC: &str = "events.sensor.reading";
+
+/// 2026-01-01T10:00:00Z: a fixed base, so buckets are known.
+fn t0() -> DateTime<Utc> {
+    DateTime::from_timestamp(1_767_261_600, 0).unwrap()
+}
+
+fn at(seconds: i64) -> DateTime<Utc> {
+    t0() + TimeDelta::seconds(seconds)
+}
+
+fn reading_at(device: &str, at: DateTime<Utc>, temperature_c: f64) -> Reading {
+    Reading {
+        event_id: Uuid::new_v4(),
+        device_id: device.to_owned(),
+        at,
+        ingested_at: at + TimeDelta::milliseconds(300),
+        seq: None,
+        temperature_c: Some(temperature_c),
+        humidity_pct: None,
+        pressure_hpa: None,
+        vibration_mm_s: None,
+        battery_pct: None,
+        extra: BTreeMap::new(),
+        payload: json!({"temperature_c": temperature_c}),
+    }
+}
+
+fn status(device: &str, at: DateTime<Utc>, state: &str, reason: Option<&str>) -> StatusChange {
+    StatusChange {
+        event_id: Uuid::new_v4(),
+        device_id: device.to_owned(),
+        at,
+        state: state.to_owned(),
+        reason: reason.map(str::to_owned),
+    }
+}
+
+fn readings(version: i32, readings: &[&Reading]) -> ProjectionBatch {
+    ProjectionBatch {
+        version,
+        readings: readings.iter().map(|r| (*r).clone()).collect(),
+        ..ProjectionBatch::default()
+    }
+}
+
+fn offset(partition: i32, next_offset: i64) -> ConsumerOffset {
+    ConsumerOffset {
+        group: GROUP.into(),
+        topic: TOPIC.into(),
+        partition,
+        next_offset,
+    }
+}
+
+/// Equal, with sums compared up to rounding (they are added in a different order).
+fn assert_rollups_eq(got: &[Rollup], want: &[Rollup], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: number of rollups");
+    for (g, w) in got.iter().zip(want) {
+        let key = (&w.device_id, w.bucket, &w.metric);
+        assert_eq!((&g.device_id, g.bucket, &g.metric), key, "{what}: order");
+        assert_eq!(
+            (g.count, g.min, g.max, g.last, g.last_at),
+            (w.count, w.min, w.max, w.last, w.last_at),
+            "{what}: {key:?}"
+        );
+        let tolerance = 1e-9 * w.sum.abs().max(1.0);
+        assert!(
+            (g.sum - w.sum).abs() <= tolerance,
+            "{what}: sum of {key:?}: {} vs {}",
+            g.sum,
+            w.sum
+        );
+    }
+}
+
+/// The rollups of `readings` (distinct ids), computed here: the oracle both stores must match.
+fn expected_rollups(readings: &[Reading], res: Resolution) -> Vec<Rollup> {
+    let width = match res {
+        Resolution::Minute => 60_000_000,
+        Resolution::Hour => 3_600_000_000,
+    };
+    let mut out: BTreeMap<(String, i64, &str), (Rollup, Uuid)> = BTreeMap::new();
+    for r in readings {
+        let bucket = r.at.timestamp_micros().div_euclid(width) * width;
+        for (metric, v) in r.metrics() {
+            let key = (r.device_id.clone(), bucket, metric);
+            let (x, last_id) = out.entry(key).or_insert_with(|| {
+                let x = Rollup {
+                    device_id: r.device_id.clone(),
+                    bucket: DateTime::from_timestamp_micros(bucket).unwrap(),
+                    metric: metric.to_owned(),
+                    count: 0,
+                    min: v,
+                    max: v,
+                    sum: 0.0,
+                    last: v,
+                    last_at: r.at,
+                };
+                (x, r.event_id)
+            });
+            x.count += 1;
+            x.min = x.min.min(v);
+            x.max = x.max.max(v);
+            x.sum += v;
+            if (r.at, r.event_id) > (x.last_at, *last_id) {
+                (x.last, x.last_at, *last_id) = (v, r.at, r.event_id);
+            }
+        }
+    }
+    out.into_values().map(|(x, _)| x).collect()
+}
+
+fn random_reading(rng: &mut Lcg, devices: u64, ats: &[DateTime<Utc>]) -> Reading {
+    let metric = |rng: &mut Lcg| {
+        // Mostly present; values with fractions so sums round differently by order.
+        (rng.next(5) > 0).then(|| (rng.next(20_001) as f64 - 10_000.0) / 7.0)
+    };
+    let mut r = Reading {
+        event_id: Uuid::new_v4(),
+        device_id: format!("dev-{}", rng.next(devices)),
+        at: ats[rng.next(ats.len() as u64) as usize],
+        ingested_at: t0(),
+        seq: Some(rng.next(1000) as i64),
+        temperature_c: metric(rng),
+        humidity_pct: metric(rng),
+        pressure_hpa: metric(rng),
+        vibration_mm_s: metric(rng),
+        battery_pct: metric(rng),
+        extra: BTreeMap::new(),
+        payload: json!({}),
+    };
+    if rng.next(4) == 0 {
+        r.extra.insert("rpm".into(), rng.next(5000) as f64);
+    }
+    r.payload = json!({"temperature_c": r.temperature_c, "extra": r.extra});
+    r
+}
+
+/// Random readings over a few devices and an hour, sent in random batches with repeats (in the
+/// same batch and in later ones), out of order and late: the incremental rollups equal the
+/// rollups from scratch and an independent computation, every reading is stored once, the
+/// outcomes add up, and latest state and late counts are as the documented rule says.
+pub async fn incremental_rollups_equal_rollups_from_scratch<H: Harness>(h: &H) {
+    let store = h.open().await;
+    let mut rng = Lcg(0x5eed_0003);
+    for case in 1..=120 {
+        let version = case;
+        let devices = 1 + rng.next(3);
+        // Times on a grid with bucket edges and repeats (ties broken by event id), plus odd
+        // microseconds, over a little more than an hour so the hour rollups have two buckets.
+        let ats: Vec<DateTime<Utc>> = (0..8 + rng.next(24))
+            .map(|_| {
+                let s = rng.next(4_000) as i64;
+                let edge = [0, 59_999_999, 60_000_000, 1][rng.next(4) as usize];
+                t0() + TimeDelta::seconds(s / 60 * 60)
+                    + TimeDelta::microseconds(edge)
+                    + TimeDelta::microseconds(if rng.next(3) == 0 {
+                        0
+                    } else {
+                        s % 60 * 1_000_003
+                    })
+            })
+            .collect();
+        let distinct: Vec<Reading> = (0..5 + rng.next(40))
+            .map(|_| random_reading(&mut rng, devices, &ats))
+            .collect();
+        // Send everything once in random order, with repeats mixed in.
+        let mut sent: Vec<Reading> = Vec::new();
+        let mut order: Vec<usize> = (0..distinct.len()).collect();
+        for i in (1..order.len()).rev() {
+            order.swap(i, rng.next(i as u64 + 1) as usize);
+        }
+        for &i in &order {
+            sent.push(distinct[i].clone());
+            if rng.next(4) == 0 {
+                let j = order[rng.next(order.len() as u64) as usize];
+                sent.push(distinct[j].clone());
+            }
+        }
+
+        let mut totals = ProjectionOutcome::default();
+        let mut stored: HashMap<String, DateTime<Utc>> = HashMap::new(); // newest reading
+        let mut seen: HashSet<Uuid> = HashSet::new();
+        let mut expected_late: HashMap<String, i64> = HashMap::new();
+        let mut rest = sent.as_slice();
+        let mut next_offset = 0;
+        while !rest.is_empty() {
+            let n = (1 + rng.next(12) as usize).min(rest.len());
+            let (chunk, tail) = rest.split_at(n);
+            rest = tail;
+            next_offset += n as i64;
+            let batch = ProjectionBatch {
+                version,
+                readings: chunk.to_vec(),
+                statuses: Vec::new(),
+                offsets: vec![offset(0, next_offset)],
+            };
+            // The rule: late when the minute is before the minute of the device's newest
+            // reading stored before this batch.
+            let minute = |t: DateTime<Utc>| t.timestamp_micros().div_euclid(60_000_000);
+            let before = stored.clone();
+            let mut late = 0;
+            for r in chunk {
+                if !seen.insert(r.event_id) {
+                    continue;
+                }
+                if before
+                    .get(&r.device_id)
+                    .is_some_and(|&newest| minute(r.at) < minute(newest))
+                {
+                    late += 1;
+                    *expected_late.entry(r.device_id.clone()).or_default() += 1;
+                }
+                let newest = stored.entry(r.device_id.clone()).or_insert(r.at);
+                *newest = (*newest).max(r.at);
+            }
+            let out = store.project(&batch).await.unwrap();
+            assert_eq!(out.readings + out.duplicates, n as u64, "case {case}");
+            assert_eq!(out.late, late, "case {case}: late readings in a batch");
+            totals.readings += out.readings;
+            totals.duplicates += out.duplicates;
+            totals.late += out.late;
+        }
+
+        let what = |res| format!("case {case}, {res:?}");
+        assert_eq!(totals.readings, distinct.len() as u64, "case {case}");
+        assert_eq!(
+            totals.readings + totals.duplicates,
+            sent.len() as u64,
+            "case {case}"
+        );
+        assert_eq!(
+            store.readings_count(version).await.unwrap(),
+            distinct.len() as u64,
+            "case {case}"
+        );
+        for res in [Resolution::Minute, Resolution::Hour] {
+            let incremental = store.rollups(version, res, None).await.unwrap();
+            let scratch = store.rollups_from_scratch(version, res).await.unwrap();
+            assert!(!incremental.is_empty(), "{}", what(res));
+            assert_rollups_eq(&incremental, &scratch, &what(res));
+            assert_rollups_eq(&incremental, &expected_rollups(&distinct, res), &what(res));
+        }
+        let one = "dev-0";
+        let only: Vec<Rollup> = store
+            .rollups(version, Resolution::Minute, Some(one))
+            .await
+            .unwrap();
+        assert!(only.iter().all(|r| r.device_id == one));
+        assert_eq!(
+            only.len(),
+            expected_rollups(&distinct, Resolution::Minute)
+                .iter()
+                .filter(|r| r.device_id == one)
+                .count()
+        );
+
+        for d in 0..devices {
+            let device = format!("dev-{d}");
+            let mine: Vec<&Reading> = distinct.iter().filter(|r| r.device_id == device).collect();
+            let latest = store.device_latest(version, &device).await.unwrap();
+            let Some(newest) = mine.iter().max_by_key(|r| (r.at, r.event_id)) else {
+                assert_eq!(latest, None, "case {case}: {device} never seen");
+                continue;
+            };
+            let latest = latest.expect("a device with readings has a latest state");
+            assert_eq!(latest.reading_at, Some(newest.at), "case {case}");
+            assert_eq!(
+                latest.reading.as_ref(),
+                Some(&newest.payload),
+                "case {case}"
+            );
+            assert_eq!(latest.last_seen, newest.at, "case {case}");
+            assert_eq!(
+                latest.late_readings,
+                expected_late.get(&device).copied().unwrap_or(0),
+                "case {case}: late readings of {device}"
+            );
+        }
+        assert_eq!(
+            store.consumer_offsets(GROUP).await.unwrap(),
+            vec![offset(0, next_offset)],
+            "case {case}"
+        );
+    }
+}
+
+/// Latest state keeps the newest reading and status whatever the arrival order; repeats and
+/// older events change nothing; late readings are counted per device.
+pub async fn device_latest_keeps_the_newest<H: Harness>(h: &H) {
+    let store = h.open().await;
+    let v = 1;
+    let r20 = reading_at("pump-1", at(20 * 60), 20.0);
+    let r10 = reading_at("pump-1", at(10 * 60), 10.0);
+    let r05 = reading_at("pump-1", at(5 * 60 + 59), 5.0);
+    let r20b = reading_at("pump-1", at(20 * 60 + 10), 20.5);
+
+    let out = store.project(&readings(v, &[&r20])).await.unwrap();
+    assert_eq!((out.readings, out.late), (1, 0));
+    // Older minutes than the newest stored reading: late, counted, and they change no latest.
+    let out = store.project(&readings(v, &[&r10, &r05])).await.unwrap();
+    assert_eq!((out.readings, out.duplicates, out.late), (2, 0, 2));
+    let l = store.device_latest(v, "pump-1").await.unwrap().unwrap();
+    assert_eq!(l.reading_at, Some(r20.at));
+    assert_eq!(l.reading, Some(r20.payload.clone()));
+    assert_eq!(l.last_seen, r20.at);
+    assert_eq!(l.late_readings, 2);
+    // The same minute as the newest is not late; a newer one replaces the latest reading.
+    let out = store.project(&readings(v, &[&r20b, &r20])).await.unwrap();
+    assert_eq!((out.readings, out.duplicates, out.late), (1, 1, 0));
+    let l = store.device_latest(v, "pump-1").await.unwrap().unwrap();
+    assert_eq!(
+        (l.reading_at, l.reading.clone(), l.late_readings),
+        (Some(r20b.at), Some(r20b.payload.clone()), 2)
+    );
+    // The late ones went to their own buckets.
+    let minutes: Vec<(DateTime<Utc>, i64)> = store
+        .rollups(v, Resolution::Minute, Some("pump-1"))
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.bucket, r.count))
+        .collect();
+    assert_eq!(
+        minutes,
+        vec![(at(5 * 60), 1), (at(10 * 60), 1), (at(20 * 60), 2)]
+    );
+
+    // Within one batch, readings are taken in device-time order: none is late relative to
+    // another of the same batch, whatever their order in it.
+    let a = reading_at("fan-2", at(40 * 60), 1.0);
+    let b = reading_at("fan-2", at(38 * 60), 2.0);
+    let out = store.project(&readings(v, &[&a, &b])).await.unwrap();
+    assert_eq!((out.readings, out.late), (2, 0));
+    let l = store.device_latest(v, "fan-2").await.unwrap().unwrap();
+    assert_eq!((l.reading_at, l.late_readings), (Some(a.at), 0));
+
+    // Statuses: newest by device time, whatever the arrival order; repeats are harmless.
+    let online = status("pump-1", at(60), "online", None);
+    let offline = status("pump-1", at(3 * 60), "offline", Some("battery"));
+    let later = status("pump-1", at(30 * 60), "online", Some("reboot"));
+    let with = |statuses: Vec<StatusChange>| ProjectionBatch {
+        version: v,
+        statuses,
+        ..ProjectionBatch::default()
+    };
+    assert_eq!(
+        store
+            .project(&with(vec![offline.clone()]))
+            .await
+            .unwrap()
+            .statuses,
+        1
+    );
+    let out = store
+        .project(&with(vec![online.clone(), offline.clone()]))
+        .await
+        .unwrap();
+    assert_eq!(
+        out.statuses, 0,
+        "an older status and a repeat change nothing"
+    );
+    let l = store.device_latest(v, "pump-1").await.unwrap().unwrap();
+    assert_eq!(
+        (l.status.as_deref(), l.status_reason.as_deref(), l.status_at),
+        (Some("offline"), Some("battery"), Some(offline.at))
+    );
+    assert_eq!(
+        l.reading_at,
+        Some(r20b.at),
+        "a status leaves the reading alone"
+    );
+    assert_eq!(l.last_seen, r20b.at);
+    let out = store
+        .project(&with(vec![later.clone(), later.clone(), online.clone()]))
+        .await
+        .unwrap();
+    assert_eq!(out.statuses, 1);
+    let l = store.device_latest(v, "pump-1").await.unwrap().unwrap();
+    assert_eq!(
+        (l.status.as_deref(), l.status_reason.as_deref(), l.status_at),
+        (Some("online"), Some("reboot"), Some(later.at))
+    );
+    assert_eq!(l.last_seen, later.at, "last_seen is the newest of anything");
+    assert_eq!(l.late_readings, 2);
+
+    // A device only heard from by status has no reading.
+    let s = status("valve-9", at(90), "offline", None);
+    store.project(&with(vec![s.clone()])).await.unwrap();
+    let l = store.device_latest(v, "valve-9").await.unwrap().unwrap();
+    assert_eq!((l.reading_at, l.reading, l.last_seen), (None, None, s.at));
+    assert_eq!(store.device_latest(v, "nobody").await.unwrap(), None);
+}
+
+/// Offsets commit with the projection; a batch that fails stores nothing of it.
+pub async fn projection_offsets_commit_atomically<H: Harness>(h: &H) {
+    let store = h.open().await;
+    let v = 1;
+    let first = reading_at("dev-1", at(0), 1.0);
+    let mut b = readings(v, &[&first]);
+    b.offsets = vec![offset(0, 5), offset(1, 2), offset(0, 7)];
+    store.project(&b).await.unwrap();
+    assert_eq!(
+        store.consumer_offsets(GROUP).await.unwrap(),
+        vec![offset(0, 7), offset(1, 2)],
+        "the last offset per partition wins"
+    );
+    let rollups = store.rollups(v, Resolution::Minute, None).await.unwrap();
+    let latest = store.device_latest(v, "dev-1").await.unwrap();
+
+    // The offset is checked by the database after everything else was written.
+    let r = reading_at("dev-1", at(120), 2.0);
+    let old = reading_at("dev-1", at(-120), 0.5);
+    let mut b = readings(v, &[&r, &old]);
+    b.statuses = vec![status("dev-1", at(130), "offline", None)];
+    b.offsets = vec![offset(0, -1)];
+    let err = store
+        .project(&b)
+        .await
+        .expect_err("negative offset refused");
+    assert!(
+        !err.is_transient(),
+        "a constraint violation is fatal: {err}"
+    );
+    assert_eq!(store.readings_count(v).await.unwrap(), 1, "no reading");
+    assert_eq!(
+        store.rollups(v, Resolution::Minute, None).await.unwrap(),
+        rollups
+    );
+    assert!(
+        store
+            .rollups(v, Resolution::Hour, None)
+            .await
+            .unwrap()
+            .len()
+            == 1
+    );
+    assert_eq!(store.device_latest(v, "dev-1").await.unwrap(), latest);
+    assert_eq!(
+        store.consumer_offsets(GROUP).await.unwrap(),
+        vec![offset(0, 7), offset(1, 2)]
+    );
+
+    // Nothing was claimed: the batch, fixed, stores its readings as new.
+    b.offsets = vec![offset(0, 9)];
+    let out = store.project(&b).await.unwrap();
+    assert_eq!(
+        (out.readings, out.duplicates, out.late, out.statuses),
+        (2, 0, 1, 1)
+    );
+    assert_eq!(
+        store.consumer_offsets(GROUP).await.unwrap()[0],
+        offset(0, 9)
+    );
+
+    // A metric that is not a number is refused before anything is written.
+    let mut nan = reading_at("dev-1", at(300), 0.0);
+    nan.humidity_pct = Some(f64::NAN);
+    let mut b = readings(v, &[&nan]);
+    b.offsets = vec![offset(0, 10)];
+    let err = store.project(&b).await.expect_err("NaN refused");
+    assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
+    assert_eq!(store.readings_count(v).await.unwrap(), 3);
+    assert_eq!(
+        store.consumer_offsets(GROUP).await.unwrap()[0],
+        offset(0, 9)
+    );
+}
+
+/// What every table of one version holds, for comparing before and after.
+async fn snapshot(store: &Store, version: i32) -> impl PartialEq + std::fmt::Debug {
+    (
+        store.readings_count(version).await.unwrap(),
+        store
+            .rollups(version, Resolution::Minute, None)
+            .await
+            .unwrap(),
+        store
+            .rollups(version, Resolution::Hour, None)
+            .await
+            .unwrap(),
+        store.device_latest(version, "dev-1").await.unwrap(),
+        store.device_latest(version, "dev-2").await.unwrap(),
+    )
+}
+
+/// A rebuild writes a new version beside the live one without touching it, and dropping a
+/// version removes only its rows.
+pub async fn projection_versions_are_independent<H: Harness>(h: &H) {
+    let store = h.open().await;
+    let a = reading_at("dev-1", at(0), 1.0);
+    let b = reading_at("dev-1", at(3_700), 2.0);
+    let c = reading_at("dev-2", at(10), 3.0);
+    let out = store.project(&readings(1, &[&a, &b, &c])).await.unwrap();
+    assert_eq!(out.readings, 3);
+    let v1 = snapshot(&store, 1).await;
+
+    // The same events are new in version 2, and more go there only.
+    let out = store.project(&readings(2, &[&a, &b, &c])).await.unwrap();
+    assert_eq!((out.readings, out.duplicates, out.late), (3, 0, 0));
+    let d = reading_at("dev-1", at(-3_600), 4.0);
+    let mut batch = readings(2, &[&d]);
+    batch.statuses = vec![status("dev-2", at(20), "offline", None)];
+    let out = store.project(&batch).await.unwrap();
+    assert_eq!((out.readings, out.late, out.statuses), (1, 1, 1));
+    assert_eq!(snapshot(&store, 1).await, v1, "version 1 untouched");
+    assert_eq!(store.readings_count(2).await.unwrap(), 4);
+    let latest2 = store.device_latest(2, "dev-1").await.unwrap().unwrap();
+    assert_eq!(latest2.late_readings, 1);
+
+    // Version 2: 4 readings, 4 minute rollups, 4 hour rollups, 2 devices.
+    assert_eq!(
+        store.drop_projection_version(2).await.unwrap(),
+        4 + 4 + 4 + 2
+    );
+    assert_eq!(store.readings_count(2).await.unwrap(), 0);
+    assert!(
+        store
+            .rollups(2, Resolution::Minute, None)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        store
+            .rollups(2, Resolution::Hour, None)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(store.device_latest(2, "dev-1").await.unwrap(), None);
+    assert_eq!(snapshot(&store, 1).await, v1, "version 1 kept");
+    assert_eq!(store.drop_projection_version(2).await.unwrap(), 0);
+}
