@@ -306,8 +306,41 @@ pub enum BenchCommand {
     /// Its relay drains the whole outbox, so it refuses a store whose outbox is not empty: do
     /// not point it at a store another relay serves.
     Ingest(BenchIngestArgs),
+    /// Push Avro readings through the projector in this process and print readings projected
+    /// per second (rollups and latest state included), the projection lag when paced, and a
+    /// raw COPY baseline of the same rows (PostgreSQL).
+    ///
+    /// Uses a scratch embedded log, a consumer group and a projection version of its own, and
+    /// drops that version afterwards: the live read models are untouched.
+    Project(BenchProjectArgs),
     /// The whole default topology on pre-generated input.
     Pipeline(PendingArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchProjectArgs {
+    /// The store: postgres://USER@HOST:PORT/DB or sqlite://PATH (migrated first).
+    #[arg(long, env = "SLUICE__STORE")]
+    pub store: String,
+    /// Readings to push through.
+    #[arg(long, default_value_t = 200_000)]
+    pub readings: u64,
+    /// Distinct devices.
+    #[arg(long, default_value_t = 1_000)]
+    pub devices: u64,
+    /// Records per produce call.
+    #[arg(long, default_value_t = 1_000)]
+    pub batch: usize,
+    /// Produce at this many readings per second (for the lag at a given load); unpaced when
+    /// absent.
+    #[arg(long)]
+    pub rate: Option<u64>,
+    /// The schemas folder.
+    #[arg(long, env = "SLUICE__SCHEMAS", default_value = "schemas")]
+    pub schemas: PathBuf,
+    /// Print the figures as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

@@ -37,6 +37,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Migrate(args) => migrate(&args),
         Command::Bench(BenchCommand::Log(args)) => bench_log(&args),
         Command::Bench(BenchCommand::Ingest(args)) => crate::bench_ingest::bench_ingest(&args),
+        Command::Bench(BenchCommand::Project(args)) => crate::bench_project::bench_project(&args),
         Command::Bench(BenchCommand::Pipeline(_)) => {
             not_available("bench pipeline", "issue 11 (the benchmark suite)")
         }

@@ -8,6 +8,7 @@
 //! 2 usage errors and commands not available in this build.
 
 mod bench_ingest;
+mod bench_project;
 mod cli;
 mod commands;
 mod dev;

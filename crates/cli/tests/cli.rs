@@ -794,3 +794,43 @@ fn kill_9_of_the_validator_and_the_relay_loses_nothing_and_stores_nothing_twice(
     assert!(published.1 >= N, "{} copies", published.1);
     assert_eq!(published.0, expected, "every event reached its topic");
 }
+
+#[test]
+fn bench_project_on_sqlite_projects_every_reading_and_leaves_no_trace() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite://{}/sluice.db", dir.path().display());
+    let out = sluice(&[
+        "bench",
+        "project",
+        "--store",
+        &store,
+        "--readings",
+        "3000",
+        "--devices",
+        "50",
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["readings"], 3000);
+    assert!(
+        report["projected_per_s"].as_f64().unwrap() > 0.0,
+        "{report}"
+    );
+    assert!(
+        report["copy_rows_per_s"].is_null(),
+        "no COPY on SQLite: {report}"
+    );
+    // Its scratch projection version is dropped afterwards.
+    let version = i32::try_from(report["version"].as_i64().unwrap()).unwrap();
+    assert_ne!(version, 1, "never the live version");
+    let left = block_on(async {
+        let store = Store::connect(&store, StoreOptions::default())
+            .await
+            .unwrap();
+        let n = store.readings_count(version).await.unwrap();
+        store.close().await;
+        n
+    });
+    assert_eq!(left, 0);
+}
