@@ -194,7 +194,7 @@ impl Dev {
         .with_context(|| format!("cannot open the store {store_url}"))?;
         let key_file = data_dir.join("dev-api-key");
         ensure_dev_key(&store, &key_file).await?;
-        let broker = EmbeddedBroker::start(bind_addr(args.mqtt_addr, DEFAULT_MQTT, "MQTT")?)
+        let broker = EmbeddedBroker::start(broker_addr(args.mqtt_addr))
             .context("cannot start the embedded MQTT broker")?;
         let http = listen(args.http_addr, DEFAULT_HTTP, "HTTP ingest").await?;
         let registry = listen(args.registry_addr, DEFAULT_REGISTRY, "registry").await?;
@@ -235,7 +235,6 @@ impl Dev {
         let registry_listener = self.registry.take().expect("taken once");
         let http_addr = http_listener.as_ref().expect("taken once").local_addr()?;
         let registry_addr = registry_listener.local_addr()?;
-        let routes = crate::run::routes(&self.topology);
         let codec = Arc::new(EventCodec::new(AnySchemas::Local(self.schemas.clone())));
 
         let (schemas, listener, token) = (self.schemas.clone(), registry_listener, core.clone());
@@ -245,17 +244,19 @@ impl Dev {
                 .context("the registry server failed")
         });
         for p in &self.topology.processors {
-            let raw = p
-                .outputs
-                .get("raw")
-                .or_else(|| p.outputs.values().next())
-                .cloned()
-                .unwrap_or_else(|| "ingest.raw".to_owned());
             let name = &p.name;
+            let skip = |e: anyhow::Error| {
+                tracing::warn!(processor = %name, error = %format!("{e:#}"), "not started");
+            };
             match &p.config {
-                KindConfig::MqttBridge(config) => {
-                    let mut settings = sluice_mqtt_bridge::Settings::new(&p.name, &raw);
-                    settings.config = config.clone();
+                KindConfig::MqttBridge(_) => {
+                    let mut settings = match crate::run::bridge_settings(p) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            skip(e);
+                            continue;
+                        }
+                    };
                     settings.config.broker = self.broker.url();
                     // The embedded broker has no users, no TLS and one bridge.
                     settings.config.username = None;
@@ -270,13 +271,18 @@ impl Dev {
                             .map_err(Into::into)
                     });
                 }
-                KindConfig::HttpIngest(config) => {
+                KindConfig::HttpIngest(_) => {
                     let Some(listener) = http_listener.take() else {
                         tracing::warn!(processor = %p.name, "one http-ingest per `sluice dev`; this one does not run");
                         continue;
                     };
-                    let mut settings = sluice_http_ingest::Settings::new(&p.name, &raw);
-                    settings.config = config.clone();
+                    let mut settings = match crate::run::http_settings(p) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            skip(e);
+                            continue;
+                        }
+                    };
                     settings.config.listen = http_addr.to_string();
                     let ingest = sluice_http_ingest::Ingest::new(
                         settings,
@@ -292,13 +298,14 @@ impl Dev {
                             .context("the HTTP ingest server failed")
                     });
                 }
-                KindConfig::IngestValidator(config) => {
-                    let Some(input) = p.inputs.first().cloned() else {
-                        continue;
+                KindConfig::IngestValidator(_) => {
+                    let settings = match crate::run::validator_settings(p, &self.topology) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            skip(e);
+                            continue;
+                        }
                     };
-                    let mut settings = sluice_ingest_validator::Settings::new(&p.name, &input);
-                    settings.routes = routes.clone();
-                    settings.config = config.clone();
                     let (log, store, codec, stats, token) = (
                         self.log.clone(),
                         self.store.clone(),
@@ -312,9 +319,8 @@ impl Dev {
                             .map_err(Into::into)
                     });
                 }
-                KindConfig::OutboxRelay(config) => {
-                    let mut settings = sluice_outbox_relay::Settings::new(&p.name);
-                    settings.config = config.clone();
+                KindConfig::OutboxRelay(_) => {
+                    let settings = crate::run::relay_settings(p);
                     let (log, store, stats, token) = (
                         self.log.clone(),
                         self.store.clone(),
@@ -327,11 +333,9 @@ impl Dev {
                             .map_err(Into::into)
                     });
                 }
-                KindConfig::Projector(config) => {
+                KindConfig::Projector(_) => {
                     counters.projecting = true;
-                    let inputs: Vec<&str> = p.inputs.iter().map(String::as_str).collect();
-                    let mut settings = sluice_projector::Settings::new(&p.name, &inputs);
-                    settings.config = config.clone();
+                    let settings = crate::run::projector_settings(p);
                     let (log, store, codec, stats, token) = (
                         self.log.clone(),
                         self.store.clone(),
@@ -604,26 +608,28 @@ fn spawn_progress(counters: Arc<Counters>, store: Store) -> JoinHandle<()> {
     })
 }
 
-/// The address to bind: the flag's, else the default, else (default busy) a free port.
-fn bind_addr(given: Option<SocketAddr>, default: &str, what: &str) -> Result<SocketAddr> {
+/// The broker's address: the flag's, else the default, else (default busy) a free port. The
+/// broker binds it itself, so a busy default is found by trying it here.
+fn broker_addr(given: Option<SocketAddr>) -> SocketAddr {
     if let Some(addr) = given {
-        return Ok(addr);
+        return addr;
     }
-    let default: SocketAddr = default.parse().expect("a valid default address");
+    let default: SocketAddr = DEFAULT_MQTT.parse().expect("a valid default address");
     if std::net::TcpListener::bind(default).is_ok() {
-        return Ok(default);
+        return default;
     }
-    tracing::warn!(%default, "{what} port is busy; using a free one");
-    Ok(SocketAddr::new(default.ip(), 0))
+    tracing::warn!(%default, "MQTT port is busy; using a free one");
+    SocketAddr::new(default.ip(), 0)
 }
 
+/// A listener on the flag's address, else on the default, else (default busy) on a free port.
 async fn listen(
     given: Option<SocketAddr>,
     default: &str,
     what: &str,
 ) -> Result<tokio::net::TcpListener> {
     let explicit = given.is_some();
-    let addr = bind_addr(given, default, what)?;
+    let addr = given.unwrap_or_else(|| default.parse().expect("a valid default address"));
     match tokio::net::TcpListener::bind(addr).await {
         Ok(l) => Ok(l),
         Err(e) if !explicit => {

@@ -177,23 +177,10 @@ impl Wiring<'_> {
         Ok(AnySchemas::Local(registry))
     }
 
-    /// The one output of an edge processor: the raw topic.
-    fn raw_output(&self) -> Result<&str> {
-        let p = self.processor;
-        p.outputs
-            .get("raw")
-            .or_else(|| p.outputs.values().next())
-            .map(String::as_str)
-            .with_context(|| format!("{} has no output topic in the topology", p.name))
-    }
-
     async fn bridge<L: Log>(&self, log: &L, token: CancellationToken) -> Result<()> {
-        use sluice_mqtt_bridge::{Settings, Stats};
+        use sluice_mqtt_bridge::Stats;
         let p = self.processor;
-        let mut settings = Settings::new(&p.name, self.raw_output()?);
-        if let KindConfig::MqttBridge(config) = &p.config {
-            settings.config = config.clone();
-        }
+        let mut settings = bridge_settings(p)?;
         if let Ok(id) = std::env::var("SLUICE__MQTT_CLIENT_ID") {
             settings.config.client_id = Some(id);
         }
@@ -258,12 +245,9 @@ impl Wiring<'_> {
         schemas: AnySchemas,
         token: CancellationToken,
     ) -> Result<()> {
-        use sluice_http_ingest::{Ingest, Settings, Stats};
+        use sluice_http_ingest::{Ingest, Stats};
         let p = self.processor;
-        let mut settings = Settings::new(&p.name, self.raw_output()?);
-        if let KindConfig::HttpIngest(config) = &p.config {
-            settings.config = config.clone();
-        }
+        let mut settings = http_settings(p)?;
         if let Ok(addr) = std::env::var("SLUICE__HTTP_ADDR") {
             settings.config.listen = addr;
         }
@@ -330,21 +314,10 @@ impl Wiring<'_> {
         schemas: S,
         token: CancellationToken,
     ) -> Result<()> {
-        use sluice_ingest_validator::{Settings, Stats};
+        use sluice_ingest_validator::Stats;
         let p = self.processor;
-        let input = match p.inputs.as_slice() {
-            [one] => one,
-            other => bail!(
-                "ingest-validator {} reads exactly one input topic; the topology gives it {}",
-                p.name,
-                other.len()
-            ),
-        };
-        let mut settings = Settings::new(&p.name, input);
-        settings.routes = routes(self.topology);
-        if let KindConfig::IngestValidator(config) = &p.config {
-            settings.config = config.clone();
-        }
+        let settings = validator_settings(p, self.topology)?;
+        let input = &settings.input;
         let codec = EventCodec::new(schemas);
         let stats = Arc::new(Stats::default());
         tracing::info!(
@@ -397,13 +370,9 @@ impl Wiring<'_> {
         schemas: AnySchemas,
         token: CancellationToken,
     ) -> Result<()> {
-        use sluice_projector::{Settings, Stats};
+        use sluice_projector::Stats;
         let p = self.processor;
-        let inputs: Vec<&str> = p.inputs.iter().map(String::as_str).collect();
-        let mut settings = Settings::new(&p.name, &inputs);
-        if let KindConfig::Projector(config) = &p.config {
-            settings.config = config.clone();
-        }
+        let settings = projector_settings(p);
         let codec = EventCodec::new(schemas);
         let stats = Arc::new(Stats::default());
         tracing::info!(
@@ -448,12 +417,9 @@ impl Wiring<'_> {
     }
 
     async fn relay<L: Log>(&self, log: &L, store: &Store, token: CancellationToken) -> Result<()> {
-        use sluice_outbox_relay::{Settings, Stats};
+        use sluice_outbox_relay::Stats;
         let p = self.processor;
-        let mut settings = Settings::new(&p.name);
-        if let KindConfig::OutboxRelay(config) = &p.config {
-            settings.config = config.clone();
-        }
+        let settings = relay_settings(p);
         let stats = Arc::new(Stats::default());
         tracing::info!(
             processor = %p.name,
@@ -494,9 +460,74 @@ impl Wiring<'_> {
     }
 }
 
+/// The one output of an edge processor: the raw topic.
+fn raw_output(p: &Processor) -> Result<&str> {
+    p.outputs
+        .get("raw")
+        .or_else(|| p.outputs.values().next())
+        .map(String::as_str)
+        .with_context(|| format!("{} has no output topic in the topology", p.name))
+}
+
+// Each processor's settings from its topology entry: `sluice run` and `sluice dev` both start
+// from these, then apply their own overrides.
+
+pub(crate) fn bridge_settings(p: &Processor) -> Result<sluice_mqtt_bridge::Settings> {
+    let mut settings = sluice_mqtt_bridge::Settings::new(&p.name, raw_output(p)?);
+    if let KindConfig::MqttBridge(config) = &p.config {
+        settings.config = config.clone();
+    }
+    Ok(settings)
+}
+
+pub(crate) fn http_settings(p: &Processor) -> Result<sluice_http_ingest::Settings> {
+    let mut settings = sluice_http_ingest::Settings::new(&p.name, raw_output(p)?);
+    if let KindConfig::HttpIngest(config) = &p.config {
+        settings.config = config.clone();
+    }
+    Ok(settings)
+}
+
+pub(crate) fn validator_settings(
+    p: &Processor,
+    topology: &Topology,
+) -> Result<sluice_ingest_validator::Settings> {
+    let input = match p.inputs.as_slice() {
+        [one] => one,
+        other => bail!(
+            "ingest-validator {} reads exactly one input topic; the topology gives it {}",
+            p.name,
+            other.len()
+        ),
+    };
+    let mut settings = sluice_ingest_validator::Settings::new(&p.name, input);
+    settings.routes = routes(topology);
+    if let KindConfig::IngestValidator(config) = &p.config {
+        settings.config = config.clone();
+    }
+    Ok(settings)
+}
+
+pub(crate) fn relay_settings(p: &Processor) -> sluice_outbox_relay::Settings {
+    let mut settings = sluice_outbox_relay::Settings::new(&p.name);
+    if let KindConfig::OutboxRelay(config) = &p.config {
+        settings.config = config.clone();
+    }
+    settings
+}
+
+pub(crate) fn projector_settings(p: &Processor) -> sluice_projector::Settings {
+    let inputs: Vec<&str> = p.inputs.iter().map(String::as_str).collect();
+    let mut settings = sluice_projector::Settings::new(&p.name, &inputs);
+    if let KindConfig::Projector(config) = &p.config {
+        settings.config = config.clone();
+    }
+    settings
+}
+
 /// Event type → topic, from every outbox-relay's outputs: where the validator's outbox entries
 /// must go for the relay to publish them where the topology says.
-pub(crate) fn routes(topology: &Topology) -> BTreeMap<String, String> {
+fn routes(topology: &Topology) -> BTreeMap<String, String> {
     topology
         .processors
         .iter()

@@ -103,6 +103,8 @@ pub struct Stats {
     pub batches: AtomicU64,
     /// Connections established (the first one included).
     pub connections: AtomicU64,
+    /// Subscriptions the broker granted (one per topic filter per connection).
+    pub subscriptions: AtomicU64,
     /// Connection attempts or connections that failed.
     pub connection_errors: AtomicU64,
     /// Log writes retried after a transient failure.
@@ -167,6 +169,8 @@ pub async fn run<L: Log>(
                 Ok(Event::Incoming(Packet::SubAck(ack))) => {
                     if ack.return_codes.iter().any(|c| matches!(c, SubscribeReasonCode::Failure)) {
                         tracing::error!(processor = %settings.name, filters = ?filters, "the broker refused a subscription");
+                    } else {
+                        stats.subscriptions.fetch_add(1, Ordering::Relaxed);
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => {

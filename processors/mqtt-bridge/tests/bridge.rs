@@ -137,13 +137,14 @@ fn readings(n: usize) -> (Vec<Uuid>, Vec<String>) {
 }
 
 async fn subscribed(bridge: &Bridge, connections: u64) {
+    // Every connection subscribes to each topic filter; wait for the broker to grant them all.
+    let filters = sluice_mqtt_bridge::MqttBridgeConfig::default().topics.len() as u64;
     let stats = bridge.stats.clone();
-    until("the bridge connected", DEADLINE, async || {
+    until("the bridge subscribed", DEADLINE, async || {
         stats.connections.load(Ordering::Relaxed) >= connections
+            && stats.subscriptions.load(Ordering::Relaxed) >= connections * filters
     })
     .await;
-    // The subscription follows the connection at once; give its SUBACK a moment.
-    tokio::time::sleep(Duration::from_millis(200)).await;
 }
 
 async fn publish(
