@@ -80,6 +80,14 @@ pub struct DevArgs {
     /// busy].
     #[arg(long, env = "SLUICE__REGISTRY_ADDR")]
     pub registry_addr: Option<SocketAddr>,
+    /// Where the SQL endpoint's HTTP API listens [default: 127.0.0.1:8082, or a free port if
+    /// busy].
+    #[arg(long, env = "SLUICE__SQL_ADDR")]
+    pub sql_addr: Option<SocketAddr>,
+    /// Where the SQL endpoint's Postgres wire protocol listens [default: 127.0.0.1:5433, or a
+    /// free port if busy].
+    #[arg(long, env = "SLUICE__PG_ADDR")]
+    pub pg_addr: Option<SocketAddr>,
     /// The topology [default: topologies/default.yaml if present, else the built-in one].
     #[arg(long, env = "SLUICE__TOPOLOGY")]
     pub topology: Option<PathBuf>,
@@ -267,13 +275,17 @@ pub enum KeyRole {
 pub struct SqlArgs {
     /// The query.
     pub query: String,
-    /// The SQL endpoint (http://host:port).
+    /// A running SQL endpoint (http://host:port, e.g. the `sql` address `sluice dev` prints).
     #[arg(long, conflicts_with = "data_dir")]
     pub endpoint: Option<String>,
-    /// Query a `sluice dev` data directory directly.
+    /// The API key for --endpoint (role viewer or above).
+    #[arg(long, env = "SLUICE__API_KEY", hide_env_values = true)]
+    pub key: Option<String>,
+    /// Read a `sluice dev` data directory's store directly, without a running process
+    /// [default: .sluice].
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
-    /// Output format.
+    /// Output format: table, json or csv.
     #[arg(long, default_value = "table")]
     pub format: String,
 }
@@ -313,8 +325,34 @@ pub enum BenchCommand {
     /// Uses a scratch embedded log, a consumer group and a projection version of its own, and
     /// drops that version afterwards: the live read models are untouched.
     Project(BenchProjectArgs),
+    /// Time a fixed set of queries through the SQL endpoint (HTTP, Arrow answers) and, in the
+    /// same run, the same SQL directly on PostgreSQL; print p50/p99 per query and the ratio.
+    ///
+    /// Loads N readings (over --devices devices and the last 24 hours) into a projection
+    /// version of its own through the projector's writes (rollups and latest state included),
+    /// loads the hot tables from it, and drops that version at the end.
+    Query(BenchQueryArgs),
     /// The whole default topology on pre-generated input.
     Pipeline(PendingArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchQueryArgs {
+    /// The store: postgres://USER@HOST:PORT/DB (or sqlite://PATH, without the Postgres side).
+    #[arg(long, env = "SLUICE__STORE")]
+    pub store: String,
+    /// Readings to load.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub rows: u64,
+    /// Distinct devices.
+    #[arg(long, default_value_t = 1_000)]
+    pub devices: u64,
+    /// Timed runs per query and side (after 3 unmeasured).
+    #[arg(long, default_value_t = 50)]
+    pub runs: usize,
+    /// Print the figures as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

@@ -30,7 +30,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Dev(args) => crate::dev::dev(&args),
         Command::Run(args) => crate::run::run(&args),
         Command::Simulate(args) => crate::simulate::simulate(&args),
-        Command::Sql(_) => not_available("sql", "issue 6 (the SQL endpoint)"),
+        Command::Sql(args) => crate::query::sql(&args),
         Command::Replay(_) => not_available("replay", "issue 9 (operator replay)"),
         Command::Dlq(_) => not_available("dlq", "issue 9 (dead letters)"),
         Command::Keys(cmd) => crate::keys::keys(&cmd),
@@ -38,6 +38,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Bench(BenchCommand::Log(args)) => bench_log(&args),
         Command::Bench(BenchCommand::Ingest(args)) => crate::bench_ingest::bench_ingest(&args),
         Command::Bench(BenchCommand::Project(args)) => crate::bench_project::bench_project(&args),
+        Command::Bench(BenchCommand::Query(args)) => crate::bench_query::bench_query(&args),
         Command::Bench(BenchCommand::Pipeline(_)) => {
             not_available("bench pipeline", "issue 11 (the benchmark suite)")
         }

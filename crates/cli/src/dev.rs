@@ -60,6 +60,8 @@ const BUILTIN_SCHEMAS: &[(&str, &str)] = &[
 const DEFAULT_MQTT: &str = "127.0.0.1:1883";
 const DEFAULT_HTTP: &str = "127.0.0.1:8080";
 const DEFAULT_REGISTRY: &str = "127.0.0.1:8081";
+const DEFAULT_SQL: &str = crate::query::DEFAULT_HTTP;
+const DEFAULT_PG: &str = crate::query::DEFAULT_PG;
 /// How long a stop waits for the validator, the relay and the projector to take in what the
 /// edge wrote.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
@@ -87,7 +89,10 @@ struct Dev {
     broker: EmbeddedBroker,
     http: Option<tokio::net::TcpListener>,
     registry: Option<tokio::net::TcpListener>,
+    sql: Option<tokio::net::TcpListener>,
+    pg: Option<tokio::net::TcpListener>,
     key_file: PathBuf,
+    sql_key_file: PathBuf,
     simulate: Option<(u32, u32)>,
 }
 
@@ -99,6 +104,7 @@ struct Counters {
     validator: Arc<sluice_ingest_validator::Stats>,
     relay: Arc<sluice_outbox_relay::Stats>,
     projector: Arc<sluice_projector::Stats>,
+    query: Arc<sluice_query::follow::FollowStats>,
     /// Whether a projector runs (the drain waits for it only then).
     projecting: bool,
     simulator: Arc<sluice_simulator::Counters>,
@@ -193,11 +199,15 @@ impl Dev {
         .await
         .with_context(|| format!("cannot open the store {store_url}"))?;
         let key_file = data_dir.join("dev-api-key");
-        ensure_dev_key(&store, &key_file).await?;
+        ensure_dev_key(&store, &key_file, Role::Device).await?;
+        let sql_key_file = data_dir.join("dev-sql-key");
+        ensure_dev_key(&store, &sql_key_file, Role::Viewer).await?;
         let broker = EmbeddedBroker::start(broker_addr(args.mqtt_addr))
             .context("cannot start the embedded MQTT broker")?;
         let http = listen(args.http_addr, DEFAULT_HTTP, "HTTP ingest").await?;
         let registry = listen(args.registry_addr, DEFAULT_REGISTRY, "registry").await?;
+        let sql = listen(args.sql_addr, DEFAULT_SQL, "SQL over HTTP").await?;
+        let pg = listen(args.pg_addr, DEFAULT_PG, "SQL over the Postgres protocol").await?;
         let simulate = args
             .simulate
             .map(|devices| (devices, args.rate.unwrap_or(devices.max(1))));
@@ -210,7 +220,10 @@ impl Dev {
             broker,
             http: Some(http),
             registry: Some(registry),
+            sql: Some(sql),
+            pg: Some(pg),
             key_file,
+            sql_key_file,
             simulate,
         })
     }
@@ -235,6 +248,11 @@ impl Dev {
         let registry_listener = self.registry.take().expect("taken once");
         let http_addr = http_listener.as_ref().expect("taken once").local_addr()?;
         let registry_addr = registry_listener.local_addr()?;
+        let (mut sql_listener, mut pg_listener) = (self.sql.take(), self.pg.take());
+        let sql_addrs = match (&sql_listener, &pg_listener) {
+            (Some(s), Some(p)) => Some((s.local_addr()?, p.local_addr()?)),
+            _ => None,
+        };
         let codec = Arc::new(EventCodec::new(AnySchemas::Local(self.schemas.clone())));
 
         let (schemas, listener, token) = (self.schemas.clone(), registry_listener, core.clone());
@@ -335,6 +353,7 @@ impl Dev {
                 }
                 KindConfig::Projector(_) => {
                     counters.projecting = true;
+                    let query_codec = codec.clone();
                     let settings = crate::run::projector_settings(p);
                     let (log, store, codec, stats, token) = (
                         self.log.clone(),
@@ -348,6 +367,31 @@ impl Dev {
                             .await
                             .map_err(Into::into)
                     });
+                    // The SQL endpoint serves what this projector writes.
+                    if let (Some(http), Some(pg)) = (sql_listener.take(), pg_listener.take()) {
+                        let settings = sluice_query::Settings::new(&p.name, &p.inputs);
+                        let (log, store, codec, stats, token) = (
+                            self.log.clone(),
+                            self.store.clone(),
+                            query_codec,
+                            counters.query.clone(),
+                            core.clone(),
+                        );
+                        core_tasks.spawn("query", async move {
+                            sluice_query::serve(
+                                &settings,
+                                &log,
+                                store,
+                                codec,
+                                Some(http),
+                                Some(pg),
+                                &stats,
+                                token,
+                            )
+                            .await
+                            .map_err(Into::into)
+                        });
+                    }
                 }
                 _ => not_built.push(p.name.clone()),
             }
@@ -357,7 +401,9 @@ impl Dev {
             .chain(core_tasks.names())
             .filter(|n| *n != "registry")
             .collect();
-        self.banner(http_addr, registry_addr, &running, &not_built);
+        // Shown only when a projector runs, since the endpoint serves what it writes.
+        let sql_addrs = sql_addrs.filter(|_| sql_listener.is_none());
+        self.banner(http_addr, registry_addr, sql_addrs, &running, &not_built);
 
         let counters = Arc::new(counters);
         if let Some((devices, rate)) = self.simulate {
@@ -451,6 +497,7 @@ impl Dev {
         &self,
         http: SocketAddr,
         registry: SocketAddr,
+        sql: Option<(SocketAddr, SocketAddr)>,
         running: &[&str],
         not_built: &[String],
     ) {
@@ -460,6 +507,10 @@ impl Dev {
         println!("  mqtt      mqtt://{mqtt}");
         println!("  http      http://{http}/v1/events");
         println!("  registry  http://{registry}");
+        if let Some((sql, pg)) = sql {
+            println!("  sql       http://{sql}/v1/query");
+            println!("  postgres  postgres://{pg}");
+        }
         println!(
             "  store     sqlite://{}",
             self.data_dir.join("sluice.db").display()
@@ -469,6 +520,7 @@ impl Dev {
             self.data_dir.join("log").display()
         );
         println!("  api-key   {} (role device)", self.key_file.display());
+        println!("  sql-key   {} (role viewer)", self.sql_key_file.display());
         println!("  running   {}", running.join(", "));
         if !not_built.is_empty() {
             println!("  later     {} (not built yet)", not_built.join(", "));
@@ -487,6 +539,16 @@ impl Dev {
             self.key_file.display(),
             chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ")
         );
+        if let Some((sql, pg)) = sql {
+            println!(
+                "  psql \"postgres://sluice:$(cat {})@{pg}/sluice\" -c 'SELECT device_id, last_seen, temperature_c FROM device_latest LIMIT 5'",
+                self.sql_key_file.display()
+            );
+            println!(
+                "  sluice sql --endpoint http://{sql} --key \"$(cat {})\" 'SELECT count(*) FROM readings'",
+                self.sql_key_file.display()
+            );
+        }
         println!("Ctrl-C stops it; running it again on {dir} continues where it stopped.");
     }
 }
@@ -653,18 +715,21 @@ fn builtin_schemas(data_dir: &Path) -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// Makes the device key `sluice dev` prints and the simulator uses, once per data directory.
+/// Makes a key `sluice dev` prints (the device key the simulator uses, the viewer key for SQL),
+/// once per data directory.
 /// Only its hash is in the store, so the token is kept in a file only the user can read.
-async fn ensure_dev_key(store: &Store, file: &Path) -> Result<()> {
+async fn ensure_dev_key(store: &Store, file: &Path, role: Role) -> Result<()> {
     if file.is_file() {
         let token = std::fs::read_to_string(file)?;
-        if store.verify_api_key(token.trim()).await?.is_some() {
+        if store
+            .verify_api_key(token.trim())
+            .await?
+            .is_some_and(|k| k.role == role)
+        {
             return Ok(());
         }
     }
-    let (_, token) = store
-        .create_api_key(Role::Device, Some("sluice dev"))
-        .await?;
+    let (_, token) = store.create_api_key(role, Some("sluice dev")).await?;
     write_private(file, &token).with_context(|| format!("cannot write {}", file.display()))
 }
 

@@ -9,10 +9,12 @@
 
 mod bench_ingest;
 mod bench_project;
+mod bench_query;
 mod cli;
 mod commands;
 mod dev;
 mod keys;
+mod query;
 mod run;
 mod simulate;
 

@@ -27,6 +27,10 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
 pub fn run(args: &RunArgs) -> Result<ExitCode> {
     let topology = load_topology(&args.topology)?;
+    // The SQL endpoint is not a processor of the topology: it serves what the projector wrote.
+    if args.processor == "query" && topology.processor("query").is_none() {
+        return crate::query::run_query(args, &topology);
+    }
     let Some(processor) = topology.processor(&args.processor) else {
         let names: Vec<&str> = topology
             .processors
@@ -164,17 +168,7 @@ impl Wiring<'_> {
 
     /// The registry given with --registry, else the schemas folder in a registry of its own.
     fn schemas(&self) -> Result<AnySchemas> {
-        if let Some(url) = &self.args.registry {
-            let registry = HttpRegistry::new(url)
-                .with_context(|| format!("cannot use the schema registry {url}"))?;
-            return Ok(AnySchemas::Remote(Arc::new(registry)));
-        }
-        let dir = schemas_for(&self.args.topology, self.args.schemas.as_deref())?;
-        let registry = Arc::new(Registry::in_memory());
-        registry
-            .register_dir(&load_schemas(&dir)?)
-            .with_context(|| format!("cannot register the schemas of {}", dir.display()))?;
-        Ok(AnySchemas::Local(registry))
+        schemas_of(self.args)
     }
 
     async fn bridge<L: Log>(&self, log: &L, token: CancellationToken) -> Result<()> {
@@ -523,6 +517,21 @@ pub(crate) fn projector_settings(p: &Processor) -> sluice_projector::Settings {
         settings.config = config.clone();
     }
     settings
+}
+
+/// The registry given with --registry, else the schemas folder in a registry of its own.
+pub(crate) fn schemas_of(args: &RunArgs) -> Result<AnySchemas> {
+    if let Some(url) = &args.registry {
+        let registry = HttpRegistry::new(url)
+            .with_context(|| format!("cannot use the schema registry {url}"))?;
+        return Ok(AnySchemas::Remote(Arc::new(registry)));
+    }
+    let dir = schemas_for(&args.topology, args.schemas.as_deref())?;
+    let registry = Arc::new(Registry::in_memory());
+    registry
+        .register_dir(&load_schemas(&dir)?)
+        .with_context(|| format!("cannot register the schemas of {}", dir.display()))?;
+    Ok(AnySchemas::Local(registry))
 }
 
 /// Event type → topic, from every outbox-relay's outputs: where the validator's outbox entries

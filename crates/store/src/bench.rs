@@ -233,3 +233,31 @@ mod tests {
         assert_eq!(hex(&[0, 0xab, 0x10]), r"\x00ab10");
     }
 }
+
+/// Runs `sql` on the PostgreSQL database at `url`, `warmup` times unmeasured and then `runs`
+/// times, on one connection as a prepared statement; returns the rows of the last run and the
+/// time of each measured run (all rows fetched).
+pub async fn time_query(
+    url: &str,
+    sql: &str,
+    warmup: usize,
+    runs: usize,
+) -> Result<(usize, Vec<std::time::Duration>)> {
+    const OP: &str = "time a query";
+    let mut conn = PgConnection::connect(url).await.map_err(db(OP))?;
+    let mut rows = 0;
+    let mut times = Vec::with_capacity(runs);
+    for i in 0..warmup + runs {
+        let started = Instant::now();
+        rows = sqlx::query(sql)
+            .fetch_all(&mut conn)
+            .await
+            .map_err(db(OP))?
+            .len();
+        if i >= warmup {
+            times.push(started.elapsed());
+        }
+    }
+    conn.close().await.map_err(db(OP))?;
+    Ok((rows, times))
+}

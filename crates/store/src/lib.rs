@@ -27,6 +27,7 @@ mod model;
 mod postgres;
 mod prepare;
 mod projections;
+mod select;
 mod sqlite;
 pub mod testing;
 
@@ -40,6 +41,8 @@ pub use model::{
 pub use projections::{
     DeviceLatest, ProjectionBatch, ProjectionOutcome, Reading, Resolution, Rollup, StatusChange,
 };
+
+pub use select::{Column, ColumnType, Columns, Filter, Op, READABLE_TABLES, Select, Value};
 
 use keys::StoredKey;
 use postgres::PgStore;

@@ -125,6 +125,11 @@ pub(crate) struct PgStore {
 }
 
 impl PgStore {
+    /// The pool, for reads built elsewhere in the crate.
+    pub(crate) fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
     pub async fn connect(url: &str, opts: StoreOptions) -> Result<Self> {
         let options = PgConnectOptions::from_str(url)
             .map_err(|e| Error::InvalidUrl {

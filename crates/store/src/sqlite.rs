@@ -54,6 +54,11 @@ pub(crate) struct SqliteStore {
 }
 
 impl SqliteStore {
+    /// The readers' pool, for reads built elsewhere in the crate.
+    pub(crate) fn reader_pool(&self) -> &SqlitePool {
+        &self.reader
+    }
+
     pub async fn connect(path: PathBuf, opts: StoreOptions) -> Result<Self> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| Error::Fatal {
