@@ -45,6 +45,8 @@ pub struct QueryFigures {
 pub struct QueryReport {
     /// The store (password redacted).
     pub store: String,
+    /// The scratch projection version (dropped at the end).
+    pub version: i32,
     /// Readings loaded.
     pub readings: u64,
     /// Devices.
@@ -305,6 +307,7 @@ async fn measure(args: &BenchQueryArgs, store: &Store, version: i32) -> Result<Q
     store.revoke_api_key(&key.id).await?;
     Ok(QueryReport {
         store: redact(&args.store),
+        version,
         readings: args.rows,
         devices: args.devices,
         load_per_s,

@@ -73,11 +73,14 @@ pub fn run_query(args: &RunArgs, topology: &Topology) -> Result<ExitCode> {
         tracing::info!(processor = "query", inputs = ?settings.inputs, store = %redact(store_url), "started");
         let codec = Arc::new(EventCodec::new(wiring));
         let stats = sluice_query::follow::FollowStats::default();
+        let inputs: Vec<&str> = settings.inputs.iter().map(String::as_str).collect();
         let result = if log_url.starts_with("embedded://") {
             let log = EmbeddedLog::from_url(log_url)?;
+            crate::run::ensure_topics(&log, topology, &inputs, true).await?;
             serve(&settings, &log, &store, codec, http, pg, &stats, token).await
         } else if log_url.starts_with("kafka://") {
             let log = KafkaLog::from_url(log_url)?;
+            crate::run::ensure_topics(&log, topology, &inputs, false).await?;
             serve(&settings, &log, &store, codec, http, pg, &stats, token).await
         } else {
             Err(anyhow!("invalid log URL {log_url:?}: expected embedded://DIR or kafka://host:port"))

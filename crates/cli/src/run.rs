@@ -547,7 +547,7 @@ fn routes(topology: &Topology) -> BTreeMap<String, String> {
 
 /// Creates the topics missing on the log (embedded: `create`), with the topology's partitions
 /// and retention; on Kafka a missing topic is only warned about (topics are provisioned there).
-async fn ensure_topics<L: Log>(
+pub(crate) async fn ensure_topics<L: Log>(
     log: &L,
     topology: &Topology,
     names: &[&str],

@@ -612,6 +612,17 @@ fn run_http_ingest_starts_and_stops_cleanly_on_sigterm() {
 }
 
 #[test]
+fn run_query_starts_and_stops_cleanly_on_sigterm() {
+    run_until_sigterm_with(
+        "query",
+        &[
+            ("SLUICE__QUERY_HTTP_ADDR", "127.0.0.1:0".to_owned()),
+            ("SLUICE__QUERY_PG_ADDR", "127.0.0.1:0".to_owned()),
+        ],
+    );
+}
+
+#[test]
 fn run_lists_the_topology_processors_when_the_name_is_unknown() {
     let out = sluice(&[
         "run",
@@ -833,4 +844,45 @@ fn bench_project_on_sqlite_projects_every_reading_and_leaves_no_trace() {
         n
     });
     assert_eq!(left, 0);
+}
+
+#[test]
+fn bench_query_times_the_endpoint_against_postgres_and_leaves_no_trace() {
+    let db = block_on(sluice_store::testing::TestDatabase::create());
+    let out = sluice(&[
+        "bench",
+        "query",
+        "--store",
+        &db.url,
+        "--rows",
+        "5000",
+        "--devices",
+        "50",
+        "--runs",
+        "5",
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let queries = report["queries"].as_array().unwrap();
+    assert_eq!(queries.len(), 5, "{report}");
+    for q in queries {
+        // The bench itself fails when the two sides answer different row counts.
+        assert!(q["rows"].as_u64().unwrap() > 0, "{q}");
+        assert!(q["sluice_p50_ms"].as_f64().unwrap() > 0.0, "{q}");
+        assert!(q["postgres_p50_ms"].as_f64().unwrap() > 0.0, "{q}");
+    }
+    let version = i32::try_from(report["version"].as_i64().unwrap()).unwrap();
+    let (left, live_keys) = block_on(async {
+        let store = Store::connect(&db.url, StoreOptions::default())
+            .await
+            .unwrap();
+        let n = store.readings_count(version).await.unwrap();
+        let keys = store.list_api_keys().await.unwrap();
+        store.close().await;
+        (n, keys.iter().filter(|k| k.revoked_at.is_none()).count())
+    });
+    assert_eq!(left, 0, "the scratch version is dropped");
+    assert_eq!(live_keys, 0, "its key is revoked");
+    block_on(db.drop_now());
 }

@@ -40,7 +40,13 @@ impl Dev {
             .arg("--data-dir")
             .arg(data)
             .args(["--mqtt-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
-            .args(["--registry-addr", "127.0.0.1:0"])
+            .args([
+                "--registry-addr",
+                "127.0.0.1:0",
+                "--sql-addr",
+                "127.0.0.1:0",
+            ])
+            .args(["--pg-addr", "127.0.0.1:0"])
             .args(extra)
             .env_remove("SLUICE_LOG")
             .current_dir(repo())
@@ -88,8 +94,49 @@ impl Dev {
     }
 
     fn key(&self) -> String {
-        let file = self.banner["api-key"].split(' ').next().unwrap().to_owned();
+        self.key_of("api-key")
+    }
+
+    fn key_of(&self, line: &str) -> String {
+        let file = self.banner[line].split(' ').next().unwrap().to_owned();
         std::fs::read_to_string(file).unwrap().trim().to_owned()
+    }
+
+    /// `sluice sql` against the endpoint the banner printed, as CSV.
+    fn sql(&self, query: &str) -> String {
+        let endpoint = self.banner["sql"].trim_end_matches("/v1/query").to_owned();
+        let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["sql", "--endpoint", &endpoint, "--format", "csv", query])
+            .env("SLUICE__API_KEY", self.key_of("sql-key"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `psql` against the Postgres port the banner printed.
+    fn psql(&self, command: &str) -> String {
+        let addr = self.banner["postgres"]
+            .trim_start_matches("postgres://")
+            .to_owned();
+        let (host, port) = addr.rsplit_once(':').unwrap();
+        let out = Command::new("psql")
+            .args([
+                "-X", "-h", host, "-p", port, "-U", "analyst", "-d", "sluice", "-c", command,
+            ])
+            .env("PGPASSWORD", self.key_of("sql-key"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// SIGTERM; the exit must be clean and the last line the summary.
@@ -222,8 +269,32 @@ fn dev_takes_mqtt_and_http_and_continues_after_a_restart_without_loss_or_duplica
     all.extend(more_ids);
     all.extend(second_http.iter().map(id_of));
     assert_store_holds_exactly(&data, &all);
+    // The SQL endpoint loaded the first run's readings and follows the second's.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while dev.sql("SELECT count(*) AS n FROM readings") != "n\n700\n" {
+        assert!(
+            Instant::now() < deadline,
+            "the SQL endpoint never saw 700 readings"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let tables = dev.psql("\\d");
+    assert!(
+        tables.contains("device_latest") && tables.contains("readings_1h"),
+        "{tables}"
+    );
+    let latest = dev.psql("SELECT count(*) FROM device_latest WHERE device_id = 'dev-2'");
+    assert!(latest.contains("\n        1\n"), "{latest}");
     dev.stop();
     assert_projected(&data, 700);
+    // `sluice sql` reads a stopped data directory directly.
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["sql", "--data-dir"])
+        .arg(&data)
+        .args(["--format", "csv", "SELECT count(*) AS n FROM readings"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "n\n700\n");
 }
 
 fn assert_projected(data: &Path, readings: u64) {
@@ -245,7 +316,13 @@ fn dev_with_a_simulated_fleet_fills_the_store_and_stops_by_itself() {
         .arg("--data-dir")
         .arg(&data)
         .args(["--mqtt-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
-        .args(["--registry-addr", "127.0.0.1:0"])
+        .args([
+            "--registry-addr",
+            "127.0.0.1:0",
+            "--sql-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--pg-addr", "127.0.0.1:0"])
         .args(["--simulate", "20", "--rate", "200", "--for", "4s"])
         .env_remove("SLUICE_LOG")
         .current_dir(repo())

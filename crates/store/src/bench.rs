@@ -223,17 +223,6 @@ fn json<T: Serialize>(v: &T) -> Result<String> {
     serde_json::to_string(v).map_err(|e| Error::corrupt(OP, format!("cannot write JSON: {e}")))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn csv_fields_are_quoted_and_bytes_are_hex() {
-        assert_eq!(quoted(r#"{"a":"b"}"#), r#""{""a"":""b""}""#);
-        assert_eq!(hex(&[0, 0xab, 0x10]), r"\x00ab10");
-    }
-}
-
 /// Runs `sql` on the PostgreSQL database at `url`, `warmup` times unmeasured and then `runs`
 /// times, on one connection as a prepared statement; returns the rows of the last run and the
 /// time of each measured run (all rows fetched).
@@ -260,4 +249,15 @@ pub async fn time_query(
     }
     conn.close().await.map_err(db(OP))?;
     Ok((rows, times))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_fields_are_quoted_and_bytes_are_hex() {
+        assert_eq!(quoted(r#"{"a":"b"}"#), r#""{""a"":""b""}""#);
+        assert_eq!(hex(&[0, 0xab, 0x10]), r"\x00ab10");
+    }
 }
