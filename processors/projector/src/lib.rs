@@ -92,7 +92,9 @@ impl Settings {
             inputs: inputs.iter().map(|s| (*s).to_owned()).collect(),
             version: 1,
             config: ProjectorConfig::default(),
-            batch_size: 1000,
+            // Larger polls fold more readings of a device into one rollup and latest-state
+            // upsert; under light load a poll takes what is there after `max_wait`.
+            batch_size: 5000,
             writers: 2,
             max_wait: Duration::from_millis(50),
             max_backoff: Duration::from_secs(30),
