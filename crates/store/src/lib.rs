@@ -324,6 +324,18 @@ impl Store {
         dispatch!(self.maintain(now))
     }
 
+    /// The projector's retention of `readings` as of `now`: on Postgres creates the current
+    /// time partition of `readings` (by device time) and `partitions_ahead` more, drops
+    /// partitions entirely older than `now - retention` and deletes older rows of the default
+    /// partition; on SQLite deletes older readings. Rollups and latest state are kept.
+    pub async fn maintain_readings(
+        &self,
+        now: DateTime<Utc>,
+        retention: Duration,
+    ) -> Result<MaintainReport> {
+        dispatch!(self.maintain_readings(now, retention))
+    }
+
     /// The time partitions of the event store (Postgres; empty on SQLite).
     pub async fn partitions(&self) -> Result<Vec<PartitionInfo>> {
         dispatch!(self.partitions())
@@ -490,6 +502,7 @@ mod tests {
         is_send(&s.migrate());
         is_send(&s.append(b));
         is_send(&s.maintain(Utc::now()));
+        is_send(&s.maintain_readings(Utc::now(), Duration::ZERO));
         is_send(&s.outbox_fetch(1));
         is_send(&s.outbox_listener());
         is_send(&l.wait(Duration::ZERO));

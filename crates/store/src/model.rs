@@ -293,4 +293,7 @@ pub struct MaintainReport {
     pub events_deleted: u64,
     /// Event ids forgotten by the duplicate check (Postgres's `event_ids`).
     pub event_ids_pruned: u64,
+    /// Readings deleted row by row by [`maintain_readings`](crate::Store::maintain_readings)
+    /// (SQLite; on Postgres, rows of the default partition).
+    pub readings_deleted: u64,
 }

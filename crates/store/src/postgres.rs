@@ -1,5 +1,6 @@
 //! The store on PostgreSQL: one statement per table per batch (`unnest` of array binds), the
-//! event store range-partitioned by `ingested_at`, event-id uniqueness in `event_ids`.
+//! event store range-partitioned by `ingested_at` (event-id uniqueness in `event_ids`), the
+//! projector's `readings` range-partitioned by device time `at`.
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -96,16 +97,55 @@ FROM unnest($1::text[], $2::text[], $3::int4[], $4::int8[])
 ON CONFLICT (group_id, topic, partition)
 DO UPDATE SET next_offset = excluded.next_offset, updated_at = excluded.updated_at";
 
-/// The range partitions of `events` with their bounds, read from the catalog (the catalog is
-/// the only record, so nothing can drift).
+/// The range partitions of a table (`$1`) with their bounds, read from the catalog (the catalog
+/// is the only record, so nothing can drift).
 const LIST_PARTITIONS: &str = r"
 SELECT c.relname::text AS name, b[1]::timestamptz AS lo, b[2]::timestamptz AS hi
 FROM pg_inherits i
 JOIN pg_class c ON c.oid = i.inhrelid
 LEFT JOIN LATERAL regexp_match(pg_get_expr(c.relpartbound, c.oid),
                                'FROM \(''([^'']*)''\) TO \(''([^'']*)''\)') AS b ON true
-WHERE i.inhparent = 'events'::regclass
+WHERE i.inhparent = $1::regclass
 ORDER BY lo NULLS FIRST, name";
+
+/// A time-partitioned table. Its partitions are aligned intervals of `partition_interval`;
+/// a default partition catches rows no range partition covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Partitioned {
+    /// The event store, by `ingested_at`.
+    Events,
+    /// The projector's readings, by device time `at`.
+    Readings,
+}
+
+impl Partitioned {
+    /// The table (fixed names: safe to format into SQL).
+    fn table(self) -> &'static str {
+        match self {
+            Partitioned::Events => "events",
+            Partitioned::Readings => "readings",
+        }
+    }
+
+    /// The partition key column.
+    fn column(self) -> &'static str {
+        match self {
+            Partitioned::Events => "ingested_at",
+            Partitioned::Readings => "at",
+        }
+    }
+
+    fn default_partition(self) -> &'static str {
+        match self {
+            Partitioned::Events => "events_default",
+            Partitioned::Readings => "readings_default",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
 
 /// A range partition, bounds in microseconds since the epoch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,9 +159,10 @@ struct Range {
 pub(crate) struct PgStore {
     pool: PgPool,
     opts: StoreOptions,
-    /// The range partitions this process knows of, sorted; only a hint for when to create
-    /// partitions on demand (an append outside them still lands in the default partition).
-    ranges: Arc<Mutex<Vec<Range>>>,
+    /// Per [`Partitioned`] table, the range partitions this process knows of, sorted; only a
+    /// hint for when to create partitions on demand (a row outside them still lands in the
+    /// default partition).
+    ranges: Arc<Mutex<[Vec<Range>; 2]>>,
 }
 
 impl PgStore {
@@ -201,7 +242,10 @@ impl PgStore {
             .await
             .map_err(Error::migrate)?;
         drop(conn);
-        self.partition_tx(self.wanted(Utc::now()), None).await?;
+        for table in [Partitioned::Events, Partitioned::Readings] {
+            self.partition_tx(table, self.wanted(Utc::now()), None)
+                .await?;
+        }
         Ok(())
     }
 
@@ -238,16 +282,21 @@ impl PgStore {
     /// Intervals that the batch needs and no known partition covers. Only times within
     /// retention of now on either side get a partition on demand; anything else goes to the
     /// default partition rather than littering the table with partitions.
-    fn uncovered(&self, events: &[EventRow<'_>]) -> Vec<(i64, i64)> {
+    fn uncovered(
+        &self,
+        table: Partitioned,
+        times: impl Iterator<Item = DateTime<Utc>>,
+    ) -> Vec<(i64, i64)> {
         let now = micros(Utc::now());
         let (lo, hi) = (
             now.saturating_sub(self.retention_us()),
             now.saturating_add(self.retention_us()),
         );
-        let ranges = self.ranges.lock().unwrap_or_else(|e| e.into_inner());
+        let all = self.ranges.lock().unwrap_or_else(|e| e.into_inner());
+        let ranges = &all[table.index()];
         let mut out: Vec<(i64, i64)> = Vec::new();
-        for e in events {
-            let ts = micros(e.ingested_at);
+        for t in times {
+            let ts = micros(t);
             if ts < lo || ts > hi {
                 continue;
             }
@@ -268,6 +317,7 @@ impl PgStore {
     /// serialised between processes by an advisory lock.
     async fn partition_tx(
         &self,
+        table: Partitioned,
         want: Vec<(i64, i64)>,
         cutoff: Option<i64>,
     ) -> Result<MaintainReport> {
@@ -279,7 +329,7 @@ impl PgStore {
             .execute(&mut *tx)
             .await
             .map_err(db(OP))?;
-        let mut ranges = list_ranges(&mut tx).await?;
+        let mut ranges = list_ranges(&mut tx, table).await?;
 
         let mut to_create = Vec::new();
         for (a, b) in want {
@@ -304,12 +354,15 @@ impl PgStore {
             .execute(&mut *tx)
             .await
             .map_err(db(OP))?;
-            sqlx::query("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
-                .execute(&mut *tx)
-                .await
-                .map_err(db(OP))?;
+            sqlx::query(&format!(
+                "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
+                table.table()
+            ))
+            .execute(&mut *tx)
+            .await
+            .map_err(db(OP))?;
             for (from, to) in to_create {
-                let name = create_partition(&mut tx, from, to).await?;
+                let name = create_partition(&mut tx, table, from, to).await?;
                 ranges.push(Range {
                     name: name.clone(),
                     from,
@@ -329,13 +382,23 @@ impl PgStore {
         }
 
         if let Some(cutoff) = cutoff {
-            report.events_deleted =
-                sqlx::query("DELETE FROM events_default WHERE ingested_at < $1")
-                    .bind(from_micros(OP, cutoff)?)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db(OP))?
-                    .rows_affected();
+            let deleted = sqlx::query(&format!(
+                "DELETE FROM {} WHERE {} < $1",
+                table.default_partition(),
+                table.column()
+            ))
+            .bind(from_micros(OP, cutoff)?)
+            .execute(&mut *tx)
+            .await
+            .map_err(db(OP))?
+            .rows_affected();
+            if table == Partitioned::Readings {
+                report.readings_deleted = deleted;
+                tx.commit().await.map_err(db(OP))?;
+                self.ranges.lock().unwrap_or_else(|e| e.into_inner())[table.index()] = ranges;
+                return Ok(report);
+            }
+            report.events_deleted = deleted;
             // Every event still stored must keep its id claimed: events at or after the
             // cutoff, and everything in the partitions kept (one may straddle the cutoff).
             let keep_from = ranges.iter().map(|r| r.from).fold(cutoff, i64::min);
@@ -347,17 +410,46 @@ impl PgStore {
                 .rows_affected();
         }
         tx.commit().await.map_err(db(OP))?;
-        *self.ranges.lock().unwrap_or_else(|e| e.into_inner()) = ranges;
+        self.ranges.lock().unwrap_or_else(|e| e.into_inner())[table.index()] = ranges;
         Ok(report)
     }
 
     pub async fn maintain(&self, now: DateTime<Utc>) -> Result<MaintainReport> {
         let cutoff = micros(now).saturating_sub(self.retention_us());
-        self.partition_tx(self.wanted(now), Some(cutoff)).await
+        self.partition_tx(Partitioned::Events, self.wanted(now), Some(cutoff))
+            .await
+    }
+
+    pub async fn maintain_readings(
+        &self,
+        now: DateTime<Utc>,
+        retention: Duration,
+    ) -> Result<MaintainReport> {
+        let retention = i64::try_from(retention.as_micros()).unwrap_or(i64::MAX);
+        let cutoff = micros(now).saturating_sub(retention);
+        self.partition_tx(Partitioned::Readings, self.wanted(now), Some(cutoff))
+            .await
+    }
+
+    /// Creates, best effort, the partitions of `table` that rows at `times` need and no known
+    /// partition covers. Without them the rows land in the default partition, and the next
+    /// maintenance moves them: a write must not fail for want of a partition.
+    pub(crate) async fn ensure_partitions(
+        &self,
+        table: Partitioned,
+        times: impl Iterator<Item = DateTime<Utc>>,
+    ) {
+        let missing = self.uncovered(table, times);
+        if !missing.is_empty()
+            && let Err(e) = self.partition_tx(table, missing, None).await
+        {
+            tracing::warn!(error = %e, table = table.table(), "could not create partitions on demand");
+        }
     }
 
     pub async fn partitions(&self) -> Result<Vec<PartitionInfo>> {
         let rows = sqlx::query(LIST_PARTITIONS)
+            .bind(Partitioned::Events.table())
             .fetch_all(&self.pool)
             .await
             .map_err(db("partitions"))?;
@@ -383,14 +475,8 @@ impl PgStore {
     ) -> Result<AppendOutcome> {
         const OP: &str = "append";
         let p = Prepared::new(batch)?;
-        let missing = self.uncovered(&p.events);
-        if !missing.is_empty() {
-            // Best effort: without the partition the rows land in the default partition, and
-            // the next maintain moves them. An append must not fail for want of a partition.
-            if let Err(e) = self.partition_tx(missing, None).await {
-                tracing::warn!(error = %e, "could not create event partitions on demand");
-            }
-        }
+        self.ensure_partitions(Partitioned::Events, p.events.iter().map(|e| e.ingested_at))
+            .await;
 
         let mut tx = self.pool.begin().await.map_err(db(OP))?;
         let mut stored: HashMap<Uuid, i64> = HashMap::new();
@@ -814,9 +900,10 @@ impl PgStore {
     }
 }
 
-async fn list_ranges(conn: &mut PgConnection) -> Result<Vec<Range>> {
+async fn list_ranges(conn: &mut PgConnection, table: Partitioned) -> Result<Vec<Range>> {
     const OP: &str = "maintain";
     let rows = sqlx::query(LIST_PARTITIONS)
+        .bind(table.table())
         .fetch_all(&mut *conn)
         .await
         .map_err(db(OP))?;
@@ -863,35 +950,47 @@ fn gaps(a: i64, b: i64, ranges: &[Range]) -> Vec<(i64, i64)> {
     out
 }
 
-/// Creates the partition `[from, to)`; rows the default partition holds for that range move
-/// into it (Postgres refuses to create a partition the default partition has rows for).
-/// The caller holds the table lock, so no append can slip a row in meanwhile.
-async fn create_partition(conn: &mut PgConnection, from: i64, to: i64) -> Result<String> {
+/// Creates the partition `[from, to)` of `table`; rows the default partition holds for that
+/// range move into it (Postgres refuses to create a partition the default partition has rows
+/// for). The caller holds the table lock, so no write can slip a row in meanwhile.
+async fn create_partition(
+    conn: &mut PgConnection,
+    table: Partitioned,
+    from: i64,
+    to: i64,
+) -> Result<String> {
     const OP: &str = "maintain";
     let (lo, hi) = (from_micros(OP, from)?, from_micros(OP, to)?);
-    let name = format!("events_p{}", lo.format("%Y%m%d_%H%M%S"));
-    let moving: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM events_default WHERE ingested_at >= $1 AND ingested_at < $2)",
-    )
+    let (t, col, default) = (table.table(), table.column(), table.default_partition());
+    let name = format!("{t}_p{}", lo.format("%Y%m%d_%H%M%S"));
+    let moving: bool = sqlx::query_scalar(&format!(
+        "SELECT EXISTS (SELECT 1 FROM {default} WHERE {col} >= $1 AND {col} < $2)"
+    ))
     .bind(lo)
     .bind(hi)
     .fetch_one(&mut *conn)
     .await
     .map_err(db(OP))?;
     if moving {
-        for sql in [
-            "CREATE TEMP TABLE sluice_moving (LIKE events) ON COMMIT DROP",
-            "WITH moved AS (DELETE FROM events_default WHERE ingested_at >= $1 AND ingested_at < $2 RETURNING *)
-             INSERT INTO sluice_moving SELECT * FROM moved",
-        ] {
-            let q = sqlx::query(sql);
-            let q = if sql.contains("$1") { q.bind(lo).bind(hi) } else { q };
-            q.execute(&mut *conn).await.map_err(db(OP))?;
-        }
+        sqlx::query(&format!(
+            "CREATE TEMP TABLE sluice_moving (LIKE {t}) ON COMMIT DROP"
+        ))
+        .execute(&mut *conn)
+        .await
+        .map_err(db(OP))?;
+        sqlx::query(&format!(
+            "WITH moved AS (DELETE FROM {default} WHERE {col} >= $1 AND {col} < $2 RETURNING *)
+             INSERT INTO sluice_moving SELECT * FROM moved"
+        ))
+        .bind(lo)
+        .bind(hi)
+        .execute(&mut *conn)
+        .await
+        .map_err(db(OP))?;
     }
     // Bounds are literals (DDL takes no parameters); they are formatted from integers here.
     let ddl = format!(
-        "CREATE TABLE {} PARTITION OF events FOR VALUES FROM ('{}') TO ('{}')",
+        "CREATE TABLE {} PARTITION OF {t} FOR VALUES FROM ('{}') TO ('{}')",
         quote_ident(&name),
         lo.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
         hi.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
@@ -902,10 +1001,13 @@ async fn create_partition(conn: &mut PgConnection, from: i64, to: i64) -> Result
         .map_err(db(OP))?;
     if moving {
         for sql in [
-            "INSERT INTO events SELECT * FROM sluice_moving",
-            "DROP TABLE sluice_moving",
+            format!("INSERT INTO {t} SELECT * FROM sluice_moving"),
+            "DROP TABLE sluice_moving".to_owned(),
         ] {
-            sqlx::query(sql).execute(&mut *conn).await.map_err(db(OP))?;
+            sqlx::query(&sql)
+                .execute(&mut *conn)
+                .await
+                .map_err(db(OP))?;
         }
     }
     Ok(name)

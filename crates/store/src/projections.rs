@@ -40,18 +40,37 @@ pub struct Reading {
     pub payload: serde_json::Value,
 }
 
+/// The rolled-up metrics, in the column order of the wide rollup tables (each has
+/// `<metric>_count`, `_min`, `_max`, `_sum`, `_last`, `_last_at` and `_last_event_id`).
+pub(crate) const METRICS: [&str; 5] = [
+    "temperature_c",
+    "humidity_pct",
+    "pressure_hpa",
+    "vibration_mm_s",
+    "battery_pct",
+];
+
+/// Indexes into [`METRICS`] in name (byte) order: the order rollups are listed in.
+const METRICS_BY_NAME: [usize; 5] = [4, 1, 2, 0, 3];
+
 impl Reading {
+    /// The rolled-up metrics' values, in [`METRICS`] order.
+    fn metric_values(&self) -> [Option<f64>; 5] {
+        [
+            self.temperature_c,
+            self.humidity_pct,
+            self.pressure_hpa,
+            self.vibration_mm_s,
+            self.battery_pct,
+        ]
+    }
+
     /// The rolled-up metrics that this reading carries, by name.
     pub fn metrics(&self) -> impl Iterator<Item = (&'static str, f64)> + '_ {
-        [
-            ("temperature_c", self.temperature_c),
-            ("humidity_pct", self.humidity_pct),
-            ("pressure_hpa", self.pressure_hpa),
-            ("vibration_mm_s", self.vibration_mm_s),
-            ("battery_pct", self.battery_pct),
-        ]
-        .into_iter()
-        .filter_map(|(name, v)| v.map(|v| (name, v)))
+        METRICS
+            .into_iter()
+            .zip(self.metric_values())
+            .filter_map(|(name, v)| v.map(|v| (name, v)))
     }
 }
 
@@ -133,7 +152,9 @@ impl Resolution {
     }
 }
 
-/// One metric of one device over one bucket. avg = `sum / count`.
+/// One metric of one device over one bucket. avg = `sum / count`. The tables hold one wide row
+/// per device and bucket; [`Store::rollups`](crate::Store::rollups) lists each metric that has
+/// values as one `Rollup`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rollup {
     /// The device.
@@ -196,12 +217,9 @@ pub(crate) struct Prior {
     pub status: Option<(DateTime<Utc>, Uuid)>,
 }
 
-/// A rollup delta for one key: merged into the stored row by the upsert.
-#[derive(Debug, Clone)]
-pub(crate) struct RollupDelta {
-    pub device_id: String,
-    pub bucket: DateTime<Utc>,
-    pub metric: &'static str,
+/// One metric's part of a rollup delta (or of a stored wide row).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct MetricDelta {
     pub count: i64,
     pub min: f64,
     pub max: f64,
@@ -211,6 +229,64 @@ pub(crate) struct RollupDelta {
     pub last_event_id: Uuid,
 }
 
+impl MetricDelta {
+    fn new(v: f64, at: DateTime<Utc>, id: Uuid) -> Self {
+        Self {
+            count: 1,
+            min: v,
+            max: v,
+            sum: v,
+            last: v,
+            last_at: at,
+            last_event_id: id,
+        }
+    }
+
+    fn add(&mut self, v: f64, at: DateTime<Utc>, id: Uuid) {
+        self.count += 1;
+        self.min = self.min.min(v);
+        self.max = self.max.max(v);
+        self.sum += v;
+        if (at, id) > (self.last_at, self.last_event_id) {
+            (self.last, self.last_at, self.last_event_id) = (v, at, id);
+        }
+    }
+}
+
+/// A rollup delta for one (device, bucket): merged into the stored wide row by the upsert.
+/// `None` for a metric no new reading of the bucket carried.
+#[derive(Debug, Clone)]
+pub(crate) struct RollupDelta<'a> {
+    pub device_id: &'a str,
+    pub bucket: DateTime<Utc>,
+    pub metrics: [Option<MetricDelta>; 5],
+}
+
+/// A stored wide row as per-metric [`Rollup`]s, in metric name order; metrics without values
+/// are left out.
+pub(crate) fn unpivot(
+    device_id: &str,
+    bucket: DateTime<Utc>,
+    metrics: &[Option<MetricDelta>; 5],
+    out: &mut Vec<Rollup>,
+) {
+    for i in METRICS_BY_NAME {
+        if let Some(m) = metrics[i].filter(|m| m.count > 0) {
+            out.push(Rollup {
+                device_id: device_id.to_owned(),
+                bucket,
+                metric: METRICS[i].to_owned(),
+                count: m.count,
+                min: m.min,
+                max: m.max,
+                sum: m.sum,
+                last: m.last,
+                last_at: m.last_at,
+            });
+        }
+    }
+}
+
 /// The batch's contribution to one device's latest state.
 #[derive(Debug, Clone)]
 pub(crate) struct DeviceDelta<'a> {
@@ -218,6 +294,8 @@ pub(crate) struct DeviceDelta<'a> {
     pub last_seen: DateTime<Utc>,
     /// Newest new reading: time, id, payload JSON text.
     pub reading: Option<(DateTime<Utc>, Uuid, String)>,
+    /// Newest new reading's payload, encoded once the batch is planned.
+    newest: Option<(DateTime<Utc>, Uuid, &'a serde_json::Value)>,
     /// Newest status event.
     pub status: Option<(DateTime<Utc>, &'a StatusChange)>,
     pub late: i64,
@@ -226,7 +304,7 @@ pub(crate) struct DeviceDelta<'a> {
 /// Deltas to upsert, sorted by key (so concurrent writers lock rows in the same order).
 #[derive(Debug)]
 pub(crate) struct Plan<'a> {
-    pub rollups: [Vec<RollupDelta>; 2],
+    pub rollups: [Vec<RollupDelta<'a>>; 2],
     pub devices: Vec<DeviceDelta<'a>>,
     pub outcome: ProjectionOutcome,
 }
@@ -304,8 +382,8 @@ impl<'a> PreparedProjection<'a> {
         };
 
         let mut devices: BTreeMap<&'a str, DeviceDelta<'a>> = BTreeMap::new();
-        let mut rollups: [BTreeMap<(&str, i64, &'static str), RollupDelta>; 2] = Default::default();
-        for r in &fresh {
+        let mut rollups: [BTreeMap<(&'a str, i64), RollupDelta<'a>>; 2] = Default::default();
+        for r in fresh {
             let device = r.src.device_id.as_str();
             let p = prior.get(device).unwrap_or(&none);
             let minute = Resolution::Minute.bucket_us(micros(r.at));
@@ -316,6 +394,7 @@ impl<'a> PreparedProjection<'a> {
                 device_id: device,
                 last_seen: r.at,
                 reading: None,
+                newest: None,
                 status: None,
                 late: 0,
             });
@@ -325,39 +404,26 @@ impl<'a> PreparedProjection<'a> {
                 outcome.late += 1;
             }
             let key = (r.at, r.src.event_id);
-            if d.reading
-                .as_ref()
-                .is_none_or(|(at, id, _)| key > (*at, *id))
-            {
-                d.reading = Some((r.at, r.src.event_id, json_text(&r.src.payload)?));
+            if d.newest.is_none_or(|(at, id, _)| key > (at, id)) {
+                d.newest = Some((r.at, r.src.event_id, &r.src.payload));
             }
 
+            let values = r.src.metric_values();
             for (i, res) in Resolution::ALL.into_iter().enumerate() {
                 let bucket_us = res.bucket_us(micros(r.at));
-                for (metric, v) in r.src.metrics() {
-                    rollups[i]
-                        .entry((device, bucket_us, metric))
-                        .and_modify(|x| {
-                            x.count += 1;
-                            x.min = x.min.min(v);
-                            x.max = x.max.max(v);
-                            x.sum += v;
-                            if key > (x.last_at, x.last_event_id) {
-                                (x.last, x.last_at, x.last_event_id) = (v, r.at, r.src.event_id);
-                            }
-                        })
-                        .or_insert_with(|| RollupDelta {
-                            device_id: device.to_owned(),
-                            bucket: DateTime::from_timestamp_micros(bucket_us).unwrap_or(r.at),
-                            metric,
-                            count: 1,
-                            min: v,
-                            max: v,
-                            sum: v,
-                            last: v,
-                            last_at: r.at,
-                            last_event_id: r.src.event_id,
-                        });
+                let delta = rollups[i]
+                    .entry((device, bucket_us))
+                    .or_insert_with(|| RollupDelta {
+                        device_id: device,
+                        bucket: DateTime::from_timestamp_micros(bucket_us).unwrap_or(r.at),
+                        metrics: [None; 5],
+                    });
+                for (m, v) in delta.metrics.iter_mut().zip(values) {
+                    let Some(v) = v else { continue };
+                    match m {
+                        Some(m) => m.add(v, r.at, r.src.event_id),
+                        None => *m = Some(MetricDelta::new(v, r.at, r.src.event_id)),
+                    }
                 }
             }
         }
@@ -375,6 +441,7 @@ impl<'a> PreparedProjection<'a> {
                 device_id: device,
                 last_seen: at,
                 reading: None,
+                newest: None,
                 status: None,
                 late: 0,
             });
@@ -384,10 +451,17 @@ impl<'a> PreparedProjection<'a> {
             }
         }
 
+        let mut devices: Vec<DeviceDelta<'a>> = devices.into_values().collect();
+        for d in &mut devices {
+            // Only the newest reading's payload is stored: encode that one alone.
+            if let Some((at, id, payload)) = d.newest {
+                d.reading = Some((at, id, json_text(payload)?));
+            }
+        }
         let [m, h] = rollups;
         Ok(Plan {
             rollups: [m.into_values().collect(), h.into_values().collect()],
-            devices: devices.into_values().collect(),
+            devices,
             outcome,
         })
     }

@@ -135,6 +135,29 @@ impl SqliteStore {
         })
     }
 
+    pub async fn maintain_readings(
+        &self,
+        now: DateTime<Utc>,
+        retention: Duration,
+    ) -> Result<MaintainReport> {
+        let retention = i64::try_from(retention.as_micros()).unwrap_or(i64::MAX);
+        let cutoff = micros(now).saturating_sub(retention);
+        // Per version, so that the (version, at) index serves the range.
+        let deleted = sqlx::query(
+            "DELETE FROM readings
+             WHERE version IN (SELECT DISTINCT version FROM readings) AND at < ?1",
+        )
+        .bind(cutoff)
+        .execute(&self.writer)
+        .await
+        .map_err(db("maintain_readings"))?
+        .rows_affected();
+        Ok(MaintainReport {
+            readings_deleted: deleted,
+            ..MaintainReport::default()
+        })
+    }
+
     pub async fn partitions(&self) -> Result<Vec<PartitionInfo>> {
         Ok(Vec::new())
     }

@@ -99,6 +99,7 @@ contract!(
     device_latest_keeps_the_newest,
     projection_offsets_commit_atomically,
     projection_versions_are_independent,
+    readings_retention_keeps_recent_readings_and_rollups,
 );
 
 /// Another process holding the write lock longer than busy_timeout: "database is locked" is

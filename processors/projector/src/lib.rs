@@ -66,12 +66,18 @@ pub struct Settings {
     pub version: i32,
     /// Rollups and retention.
     pub config: ProjectorConfig,
-    /// Most messages per store transaction.
+    /// Most messages per poll; they are written in up to `writers` store transactions.
     pub batch_size: usize,
+    /// Store transactions in flight at once, each for its own partitions (so each device's
+    /// rows are written by one of them).
+    pub writers: usize,
     /// Longest wait for the first message of a batch.
     pub max_wait: Duration,
     /// Longest wait between retries during an outage.
     pub max_backoff: Duration,
+    /// How often the readings' retention (`config.retention`) is applied and their time
+    /// partitions made ahead; also once at the start.
+    pub maintain_every: Duration,
     /// Stop right after the next projection write, before the log commit (crash tests).
     #[doc(hidden)]
     pub crash_after_project: bool,
@@ -86,9 +92,13 @@ impl Settings {
             inputs: inputs.iter().map(|s| (*s).to_owned()).collect(),
             version: 1,
             config: ProjectorConfig::default(),
-            batch_size: 1000,
+            // Larger polls fold more readings of a device into one rollup and latest-state
+            // upsert; under light load a poll takes what is there after `max_wait`.
+            batch_size: 5000,
+            writers: 2,
             max_wait: Duration::from_millis(50),
             max_backoff: Duration::from_secs(30),
+            maintain_every: Duration::from_secs(3600),
             crash_after_project: false,
         }
     }
@@ -166,7 +176,12 @@ struct Worker<'a, S> {
 
 impl<S: SchemaSource> Worker<'_, S> {
     async fn run<C: Consumer>(&mut self, consumer: &mut C) -> Result<(), Error> {
+        let mut maintained: Option<std::time::Instant> = None;
         while !self.shutdown.is_cancelled() {
+            if maintained.is_none_or(|at| at.elapsed() >= self.settings.maintain_every) {
+                self.maintain().await;
+                maintained = Some(std::time::Instant::now());
+            }
             let polled = tokio::select! {
                 polled = consumer.poll(self.settings.batch_size, self.settings.max_wait) => polled,
                 () = self.shutdown.cancelled() => break,
@@ -214,13 +229,10 @@ impl<S: SchemaSource> Worker<'_, S> {
         batch: Vec<Message>,
     ) -> Result<bool, Error> {
         let settings = self.settings;
-        let mut projection = ProjectionBatch {
-            version: settings.version,
-            ..ProjectionBatch::default()
-        };
+        // Per partition: what it projects and the offset after its last message.
+        let mut per_partition: BTreeMap<TopicPartition, (ProjectionBatch, i64)> = BTreeMap::new();
         let mut dead = Vec::new();
         let mut log_next: BTreeMap<TopicPartition, i64> = BTreeMap::new();
-        let mut store_next: BTreeMap<TopicPartition, i64> = BTreeMap::new();
         for msg in batch {
             let tp = msg.topic_partition();
             log_next.insert(tp.clone(), msg.offset + 1);
@@ -228,7 +240,14 @@ impl<S: SchemaSource> Worker<'_, S> {
                 self.stats.skipped.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            store_next.insert(tp, msg.offset + 1);
+            let (projection, next) = per_partition.entry(tp).or_insert_with(|| {
+                let batch = ProjectionBatch {
+                    version: settings.version,
+                    ..ProjectionBatch::default()
+                };
+                (batch, 0)
+            });
+            *next = msg.offset + 1;
             let decoded = retry_transient(
                 || async {
                     match self.codec.decode(&msg.value).await {
@@ -274,15 +293,25 @@ impl<S: SchemaSource> Worker<'_, S> {
                 })),
             }
         }
-        projection.offsets = store_next
-            .into_iter()
-            .map(|(tp, next_offset)| ConsumerOffset {
+        // Partitions spread over the writers; a partition (and so a device) is in one only.
+        let writers = settings.writers.max(1);
+        let mut lanes: Vec<ProjectionBatch> = Vec::new();
+        for (i, (tp, (mut projection, next_offset))) in per_partition.into_iter().enumerate() {
+            projection.offsets.push(ConsumerOffset {
                 group: settings.group.clone(),
                 topic: tp.topic,
                 partition: tp.partition,
                 next_offset,
-            })
-            .collect();
+            });
+            if i < writers {
+                lanes.push(projection);
+            } else {
+                let into = &mut lanes[i % writers];
+                into.readings.extend(projection.readings);
+                into.statuses.extend(projection.statuses);
+                into.offsets.extend(projection.offsets);
+            }
+        }
         // Dead letters first: a crash between the two may record one twice, never lose one.
         for letter in dead {
             let store = self.store;
@@ -297,13 +326,19 @@ impl<S: SchemaSource> Worker<'_, S> {
             }
             self.stats.rejected.fetch_add(1, Ordering::Relaxed);
         }
-        if !projection.offsets.is_empty() {
-            let store = self.store;
-            let Some(outcome) = self
-                .retrying("cannot write projections", || store.project(&projection))
-                .await?
-            else {
-                return Ok(false);
+        // Each lane commits its own partitions' offsets, so one may commit without another
+        // (a retry or a crash then redoes only the other's partitions).
+        let store = self.store;
+        let written =
+            futures::future::join_all(lanes.iter().map(|lane| {
+                self.retrying("cannot write projections", move || store.project(lane))
+            }))
+            .await;
+        let mut stopped = false;
+        for (lane, written) in lanes.iter().zip(written) {
+            let Some(outcome) = written? else {
+                stopped = true;
+                continue;
             };
             let stats = self.stats;
             stats
@@ -316,10 +351,13 @@ impl<S: SchemaSource> Worker<'_, S> {
             stats
                 .statuses
                 .fetch_add(outcome.statuses, Ordering::Relaxed);
-            for o in &projection.offsets {
+            for o in &lane.offsets {
                 self.floors
                     .insert(TopicPartition::new(&o.topic, o.partition), o.next_offset);
             }
+        }
+        if stopped {
+            return Ok(false);
         }
         if settings.crash_after_project {
             return Err(Error::Crashed(settings.name.clone()));
@@ -337,6 +375,24 @@ impl<S: SchemaSource> Worker<'_, S> {
             tracing::warn!(projector = %settings.name, error = %e, "log commit failed; the store has the offsets");
         }
         Ok(true)
+    }
+
+    /// Applies the readings' retention and makes their time partitions ahead. A failure is
+    /// logged, not fatal: projecting works without it, and the next round tries again.
+    async fn maintain(&self) {
+        let retention = self.settings.config.retention;
+        match self.store.maintain_readings(Utc::now(), retention).await {
+            Ok(report) => tracing::info!(
+                projector = %self.settings.name,
+                partitions_created = report.partitions_created.len(),
+                partitions_dropped = report.partitions_dropped.len(),
+                readings_deleted = report.readings_deleted,
+                "readings maintained"
+            ),
+            Err(e) => {
+                tracing::warn!(projector = %self.settings.name, error = %e, "readings maintenance failed; retrying next round");
+            }
+        }
     }
 
     async fn load_floors(&mut self) -> Result<bool, Error> {

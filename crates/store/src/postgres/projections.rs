@@ -1,6 +1,7 @@
 //! The projector's read models on PostgreSQL: one statement per table per batch, as appends.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::LazyLock;
 
 use chrono::{DateTime, Utc};
 use sqlx::Row;
@@ -8,16 +9,18 @@ use sqlx::postgres::PgRow;
 use sqlx::types::Json;
 use uuid::Uuid;
 
-use super::{PgStore, UPSERT_OFFSETS};
+use super::{Partitioned, PgStore, UPSERT_OFFSETS};
 use crate::Result;
 use crate::error::db;
 use crate::prepare::offset_rows;
 use crate::projections::{
-    DeviceLatest, PreparedProjection, Prior, ProjectionBatch, ProjectionOutcome, Resolution, Rollup,
+    DeviceLatest, METRICS, MetricDelta, PreparedProjection, Prior, ProjectionBatch,
+    ProjectionOutcome, Resolution, Rollup, unpivot,
 };
 
 /// Rows are inserted in id order so that concurrent batches sharing ids lock them in the same
-/// order (see `INSERT_IDS`).
+/// order (see `INSERT_IDS`). The key includes `at`, the partition key (Postgres requires it);
+/// an event id has one device time, so it is still unique by (version, event_id).
 const INSERT_READINGS: &str = "
 INSERT INTO readings (version, event_id, device_id, at, ingested_at, seq, temperature_c,
                       humidity_pct, pressure_hpa, vibration_mm_s, battery_pct, extra)
@@ -27,7 +30,7 @@ FROM unnest($2::uuid[], $3::text[], $4::timestamptz[], $5::timestamptz[], $6::in
             $7::float8[], $8::float8[], $9::float8[], $10::float8[], $11::float8[], $12::text[])
      AS u(event_id, device_id, at, ingested_at, seq, t, h, p, v, b, extra)
 ORDER BY u.event_id
-ON CONFLICT (version, event_id) DO NOTHING
+ON CONFLICT (version, event_id, at) DO NOTHING
 RETURNING event_id";
 
 /// Locks the devices' rows (in device order) so late-ness is judged against a state nobody
@@ -69,25 +72,70 @@ const NEWER_READING: &str = "(excluded.reading_at IS NOT NULL AND (d.reading_at 
 const NEWER_STATUS: &str = "(excluded.status_at IS NOT NULL AND (d.status_at IS NULL OR \
      (excluded.status_at, excluded.status_event_id) > (d.status_at, d.status_event_id)))";
 
+/// Per metric: count and sum add up, min and max widen (`LEAST` and `GREATEST` skip NULLs),
+/// and `last` moves only forward in (device time, event id).
 fn upsert_rollups(table: &str) -> String {
+    let mut cols = vec!["device_id".to_owned(), "bucket".to_owned()];
+    let mut types = vec!["text[]", "timestamptz[]"];
+    let mut set = Vec::new();
+    for m in METRICS {
+        for (suffix, ty) in METRIC_COLUMNS {
+            cols.push(format!("{m}_{suffix}"));
+            types.push(ty);
+        }
+        let newer = format!(
+            "(excluded.{m}_last_at IS NOT NULL AND (r.{m}_last_at IS NULL OR \
+             (excluded.{m}_last_at, excluded.{m}_last_event_id) > (r.{m}_last_at, r.{m}_last_event_id)))"
+        );
+        set.push(format!("{m}_count = r.{m}_count + excluded.{m}_count"));
+        set.push(format!("{m}_min = LEAST(r.{m}_min, excluded.{m}_min)"));
+        set.push(format!("{m}_max = GREATEST(r.{m}_max, excluded.{m}_max)"));
+        set.push(format!("{m}_sum = r.{m}_sum + excluded.{m}_sum"));
+        for c in ["last", "last_at", "last_event_id"] {
+            set.push(format!(
+                "{m}_{c} = CASE WHEN {newer} THEN excluded.{m}_{c} ELSE r.{m}_{c} END"
+            ));
+        }
+    }
+    let args: Vec<String> = types
+        .iter()
+        .enumerate()
+        .map(|(i, ty)| format!("${}::{ty}", i + 2))
+        .collect();
     format!(
-        "
-INSERT INTO {table} AS r (version, device_id, bucket, metric, count, min, max, sum, last,
-                          last_at, last_event_id)
-SELECT $1, u.device_id, u.bucket, u.metric, u.count, u.min, u.max, u.sum, u.last, u.last_at,
-       u.last_event_id
-FROM unnest($2::text[], $3::timestamptz[], $4::text[], $5::int8[], $6::float8[], $7::float8[],
-            $8::float8[], $9::float8[], $10::timestamptz[], $11::uuid[])
-     AS u(device_id, bucket, metric, count, min, max, sum, last, last_at, last_event_id)
-ON CONFLICT (version, device_id, bucket, metric) DO UPDATE SET
-    count = r.count + excluded.count,
-    min = LEAST(r.min, excluded.min),
-    max = GREATEST(r.max, excluded.max),
-    sum = r.sum + excluded.sum,
-    last = CASE WHEN {newer} THEN excluded.last ELSE r.last END,
-    last_at = CASE WHEN {newer} THEN excluded.last_at ELSE r.last_at END,
-    last_event_id = CASE WHEN {newer} THEN excluded.last_event_id ELSE r.last_event_id END",
-        newer = "(excluded.last_at, excluded.last_event_id) > (r.last_at, r.last_event_id)"
+        "INSERT INTO {table} AS r (version, {cols})
+SELECT $1, u.* FROM unnest({args}) AS u({cols})
+ON CONFLICT (version, device_id, bucket) DO UPDATE SET {set}",
+        cols = cols.join(", "),
+        args = args.join(", "),
+        set = set.join(",\n    "),
+    )
+}
+
+/// A metric's columns in the wide rollup tables, after its name, with their array types.
+const METRIC_COLUMNS: [(&str, &str); 7] = [
+    ("count", "int8[]"),
+    ("min", "float8[]"),
+    ("max", "float8[]"),
+    ("sum", "float8[]"),
+    ("last", "float8[]"),
+    ("last_at", "timestamptz[]"),
+    ("last_event_id", "uuid[]"),
+];
+
+static UPSERT_1M: LazyLock<String> = LazyLock::new(|| upsert_rollups("readings_1m"));
+static UPSERT_1H: LazyLock<String> = LazyLock::new(|| upsert_rollups("readings_1h"));
+
+fn select_rollups(table: &str) -> String {
+    let cols: Vec<String> = METRICS
+        .iter()
+        .flat_map(|m| ["count", "min", "max", "sum", "last", "last_at"].map(|c| format!("{m}_{c}")))
+        .collect();
+    format!(
+        r#"SELECT device_id, bucket, {} FROM {table}
+           WHERE version = $1 AND ($2::text IS NULL OR device_id = $2)
+           ORDER BY device_id COLLATE "C", bucket"#,
+        cols.join(", ")
     )
 }
 
@@ -128,6 +176,8 @@ impl PgStore {
         const OP: &str = "project";
         let p = PreparedProjection::new(batch)?;
         let version = batch.version;
+        self.ensure_partitions(Partitioned::Readings, p.readings.iter().map(|r| r.at))
+            .await;
         let mut tx = self.pool.begin().await.map_err(db(OP))?;
 
         let mut new: HashSet<Uuid> = HashSet::new();
@@ -181,29 +231,46 @@ impl PgStore {
         }
         let plan = p.plan(&new, &prior)?;
 
-        for (res, rows) in Resolution::ALL.into_iter().zip(&plan.rollups) {
+        for (sql, rows) in [&*UPSERT_1M, &*UPSERT_1H].into_iter().zip(&plan.rollups) {
             if rows.is_empty() {
                 continue;
             }
-            sqlx::query(&upsert_rollups(res.table()))
+            let mut q = sqlx::query(sql)
                 .bind(version)
-                .bind(
-                    rows.iter()
-                        .map(|x| x.device_id.as_str())
-                        .collect::<Vec<_>>(),
-                )
-                .bind(rows.iter().map(|x| x.bucket).collect::<Vec<_>>())
-                .bind(rows.iter().map(|x| x.metric).collect::<Vec<_>>())
-                .bind(rows.iter().map(|x| x.count).collect::<Vec<_>>())
-                .bind(rows.iter().map(|x| x.min).collect::<Vec<_>>())
-                .bind(rows.iter().map(|x| x.max).collect::<Vec<_>>())
-                .bind(rows.iter().map(|x| x.sum).collect::<Vec<_>>())
-                .bind(rows.iter().map(|x| x.last).collect::<Vec<_>>())
-                .bind(rows.iter().map(|x| x.last_at).collect::<Vec<_>>())
-                .bind(rows.iter().map(|x| x.last_event_id).collect::<Vec<_>>())
-                .execute(&mut *tx)
-                .await
-                .map_err(db(OP))?;
+                .bind(rows.iter().map(|x| x.device_id).collect::<Vec<_>>())
+                .bind(rows.iter().map(|x| x.bucket).collect::<Vec<_>>());
+            for i in 0..METRICS.len() {
+                let m = |x: &crate::projections::RollupDelta<'_>| x.metrics[i];
+                q = q
+                    .bind(
+                        rows.iter()
+                            .map(|x| m(x).map_or(0, |m| m.count))
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(rows.iter().map(|x| m(x).map(|m| m.min)).collect::<Vec<_>>())
+                    .bind(rows.iter().map(|x| m(x).map(|m| m.max)).collect::<Vec<_>>())
+                    .bind(
+                        rows.iter()
+                            .map(|x| m(x).map_or(0.0, |m| m.sum))
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(
+                        rows.iter()
+                            .map(|x| m(x).map(|m| m.last))
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(
+                        rows.iter()
+                            .map(|x| m(x).map(|m| m.last_at))
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(
+                        rows.iter()
+                            .map(|x| m(x).map(|m| m.last_event_id))
+                            .collect::<Vec<_>>(),
+                    );
+            }
+            q.execute(&mut *tx).await.map_err(db(OP))?;
         }
 
         if !plan.devices.is_empty() {
@@ -303,18 +370,18 @@ impl PgStore {
         resolution: Resolution,
         device_id: Option<&str>,
     ) -> Result<Vec<Rollup>> {
-        let rows = sqlx::query(&format!(
-            "SELECT device_id, bucket, metric, count, min, max, sum, last, last_at
-             FROM {} WHERE version = $1 AND ($2::text IS NULL OR device_id = $2)
-             {ROLLUP_ORDER}",
-            resolution.table()
-        ))
-        .bind(version)
-        .bind(device_id)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db("rollups"))?;
-        rows.iter().map(rollup_from_row).collect()
+        let sql = select_rollups(resolution.table());
+        let rows = sqlx::query(&sql)
+            .bind(version)
+            .bind(device_id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("rollups"))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            wide_rollups_from_row(row, &mut out)?;
+        }
+        Ok(out)
     }
 
     pub async fn rollups_from_scratch(
@@ -373,4 +440,42 @@ fn rollup_from_row(row: &PgRow) -> Result<Rollup> {
         last: row.try_get("last").map_err(db(OP))?,
         last_at: row.try_get("last_at").map_err(db(OP))?,
     })
+}
+
+fn wide_rollups_from_row(row: &PgRow, out: &mut Vec<Rollup>) -> Result<()> {
+    const OP: &str = "read rollups";
+    let get_f = |c: String| row.try_get::<Option<f64>, _>(c.as_str()).map_err(db(OP));
+    let mut metrics = [None; 5];
+    for (i, m) in METRICS.iter().enumerate() {
+        let count: i64 = row.try_get(format!("{m}_count").as_str()).map_err(db(OP))?;
+        let last_at: Option<DateTime<Utc>> = row
+            .try_get(format!("{m}_last_at").as_str())
+            .map_err(db(OP))?;
+        let (Some(min), Some(max), Some(sum), Some(last), Some(last_at)) = (
+            get_f(format!("{m}_min"))?,
+            get_f(format!("{m}_max"))?,
+            get_f(format!("{m}_sum"))?,
+            get_f(format!("{m}_last"))?,
+            last_at,
+        ) else {
+            continue;
+        };
+        metrics[i] = Some(MetricDelta {
+            count,
+            min,
+            max,
+            sum,
+            last,
+            last_at,
+            last_event_id: Uuid::nil(),
+        });
+    }
+    let device_id: String = row.try_get("device_id").map_err(db(OP))?;
+    unpivot(
+        &device_id,
+        row.try_get("bucket").map_err(db(OP))?,
+        &metrics,
+        out,
+    );
+    Ok(())
 }

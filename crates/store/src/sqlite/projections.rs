@@ -13,16 +13,14 @@ use crate::Result;
 use crate::error::db;
 use crate::prepare::{chunk_sizes, from_micros, micros, offset_rows};
 use crate::projections::{
-    DeviceLatest, PreparedProjection, Prior, ProjectionBatch, ProjectionOutcome, Resolution, Rollup,
+    DeviceLatest, METRICS, MetricDelta, PreparedProjection, Prior, ProjectionBatch,
+    ProjectionOutcome, Resolution, Rollup, unpivot,
 };
 
 const NEWER_READING: &str = "(excluded.reading_at IS NOT NULL AND (d.reading_at IS NULL OR \
      (excluded.reading_at, excluded.reading_event_id) > (d.reading_at, d.reading_event_id)))";
 const NEWER_STATUS: &str = "(excluded.status_at IS NOT NULL AND (d.status_at IS NULL OR \
      (excluded.status_at, excluded.status_event_id) > (d.status_at, d.status_event_id)))";
-const NEWER_LAST: &str =
-    "((excluded.last_at, excluded.last_event_id) > (r.last_at, r.last_event_id))";
-
 fn upsert_devices_tail() -> String {
     format!(
         " ON CONFLICT (version, device_id) DO UPDATE SET
@@ -42,17 +40,64 @@ fn upsert_devices_tail() -> String {
     )
 }
 
-fn upsert_rollups_tail() -> String {
+/// The wide rollup columns after (version, device_id, bucket), per metric.
+const METRIC_COLUMNS: [&str; 7] = [
+    "count",
+    "min",
+    "max",
+    "sum",
+    "last",
+    "last_at",
+    "last_event_id",
+];
+
+/// Per metric: count and sum add up, min and max widen, `last` moves only forward in (device
+/// time, event id). SQLite's two-argument `min`/`max` return NULL if either is NULL, hence the
+/// `coalesce`s.
+fn upsert_rollups_sql(table: &str, rows: usize) -> String {
+    let mut cols = vec!["version".to_owned(), "device_id".into(), "bucket".into()];
+    let mut set = Vec::new();
+    for m in METRICS {
+        cols.extend(METRIC_COLUMNS.map(|c| format!("{m}_{c}")));
+        let newer = format!(
+            "(excluded.{m}_last_at IS NOT NULL AND (r.{m}_last_at IS NULL OR \
+             (excluded.{m}_last_at, excluded.{m}_last_event_id) > (r.{m}_last_at, r.{m}_last_event_id)))"
+        );
+        set.push(format!("{m}_count = r.{m}_count + excluded.{m}_count"));
+        for (c, f) in [("min", "min"), ("max", "max")] {
+            set.push(format!(
+                "{m}_{c} = {f}(coalesce(r.{m}_{c}, excluded.{m}_{c}), \
+                 coalesce(excluded.{m}_{c}, r.{m}_{c}))"
+            ));
+        }
+        set.push(format!("{m}_sum = r.{m}_sum + excluded.{m}_sum"));
+        for c in ["last", "last_at", "last_event_id"] {
+            set.push(format!(
+                "{m}_{c} = CASE WHEN {newer} THEN excluded.{m}_{c} ELSE r.{m}_{c} END"
+            ));
+        }
+    }
+    multi_row(
+        &format!("INSERT INTO {table} AS r ({}) VALUES ", cols.join(", ")),
+        cols.len(),
+        rows,
+        &format!(
+            " ON CONFLICT (version, device_id, bucket) DO UPDATE SET {}",
+            set.join(", ")
+        ),
+    )
+}
+
+fn select_rollups(table: &str) -> String {
+    let cols: Vec<String> = METRICS
+        .iter()
+        .flat_map(|m| ["count", "min", "max", "sum", "last", "last_at"].map(|c| format!("{m}_{c}")))
+        .collect();
     format!(
-        " ON CONFLICT (version, device_id, bucket, metric) DO UPDATE SET
-            count = r.count + excluded.count,
-            min = min(r.min, excluded.min),
-            max = max(r.max, excluded.max),
-            sum = r.sum + excluded.sum,
-            last = CASE WHEN {n} THEN excluded.last ELSE r.last END,
-            last_at = CASE WHEN {n} THEN excluded.last_at ELSE r.last_at END,
-            last_event_id = CASE WHEN {n} THEN excluded.last_event_id ELSE r.last_event_id END",
-        n = NEWER_LAST,
+        "SELECT device_id, bucket, {} FROM {table}
+         WHERE version = ?1 AND (?2 IS NULL OR device_id = ?2)
+         ORDER BY device_id, bucket",
+        cols.join(", ")
     )
 }
 
@@ -165,36 +210,25 @@ impl SqliteStore {
         }
         let plan = p.plan(&new, &prior)?;
 
-        let tail = upsert_rollups_tail();
         for (res, all) in Resolution::ALL.into_iter().zip(&plan.rollups) {
             let mut start = 0;
             for size in chunk_sizes(all.len(), MAX_ROWS_PER_INSERT) {
                 let rows = &all[start..start + size];
                 start += size;
-                let sql = multi_row(
-                    &format!(
-                        "INSERT INTO {} AS r (version, device_id, bucket, metric, count, min, \
-                         max, sum, last, last_at, last_event_id) VALUES ",
-                        res.table()
-                    ),
-                    11,
-                    size,
-                    &tail,
-                );
+                let sql = upsert_rollups_sql(res.table(), size);
                 let mut q = sqlx::query(&sql);
                 for x in rows {
-                    q = q
-                        .bind(version)
-                        .bind(x.device_id.as_str())
-                        .bind(micros(x.bucket))
-                        .bind(x.metric)
-                        .bind(x.count)
-                        .bind(x.min)
-                        .bind(x.max)
-                        .bind(x.sum)
-                        .bind(x.last)
-                        .bind(micros(x.last_at))
-                        .bind(x.last_event_id.hyphenated());
+                    q = q.bind(version).bind(x.device_id).bind(micros(x.bucket));
+                    for m in x.metrics {
+                        q = q
+                            .bind(m.map_or(0, |m| m.count))
+                            .bind(m.map(|m| m.min))
+                            .bind(m.map(|m| m.max))
+                            .bind(m.map_or(0.0, |m| m.sum))
+                            .bind(m.map(|m| m.last))
+                            .bind(m.map(|m| micros(m.last_at)))
+                            .bind(m.map(|m| m.last_event_id.hyphenated()));
+                    }
                 }
                 q.execute(&mut *tx).await.map_err(db(OP))?;
             }
@@ -292,18 +326,17 @@ impl SqliteStore {
         resolution: Resolution,
         device_id: Option<&str>,
     ) -> Result<Vec<Rollup>> {
-        let rows = sqlx::query(&format!(
-            "SELECT device_id, bucket, metric, count, min, max, sum, last, last_at
-             FROM {} WHERE version = ?1 AND (?2 IS NULL OR device_id = ?2)
-             ORDER BY device_id, bucket, metric",
-            resolution.table()
-        ))
-        .bind(version)
-        .bind(device_id)
-        .fetch_all(&self.reader)
-        .await
-        .map_err(db("rollups"))?;
-        rows.iter().map(rollup_from_row).collect()
+        let rows = sqlx::query(&select_rollups(resolution.table()))
+            .bind(version)
+            .bind(device_id)
+            .fetch_all(&self.reader)
+            .await
+            .map_err(db("rollups"))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            wide_rollups_from_row(row, &mut out)?;
+        }
+        Ok(out)
     }
 
     pub async fn rollups_from_scratch(
@@ -363,4 +396,38 @@ fn rollup_from_row(row: &SqliteRow) -> Result<Rollup> {
         last: row.try_get("last").map_err(db(OP))?,
         last_at: from_micros(OP, row.try_get("last_at").map_err(db(OP))?)?,
     })
+}
+
+fn wide_rollups_from_row(row: &SqliteRow, out: &mut Vec<Rollup>) -> Result<()> {
+    const OP: &str = "read rollups";
+    let get_f = |c: String| row.try_get::<Option<f64>, _>(c.as_str()).map_err(db(OP));
+    let mut metrics = [None; 5];
+    for (i, m) in METRICS.iter().enumerate() {
+        let count: i64 = row.try_get(format!("{m}_count").as_str()).map_err(db(OP))?;
+        let last_at: Option<i64> = row
+            .try_get(format!("{m}_last_at").as_str())
+            .map_err(db(OP))?;
+        let (Some(min), Some(max), Some(sum), Some(last), Some(last_at)) = (
+            get_f(format!("{m}_min"))?,
+            get_f(format!("{m}_max"))?,
+            get_f(format!("{m}_sum"))?,
+            get_f(format!("{m}_last"))?,
+            last_at,
+        ) else {
+            continue;
+        };
+        metrics[i] = Some(MetricDelta {
+            count,
+            min,
+            max,
+            sum,
+            last,
+            last_at: from_micros(OP, last_at)?,
+            last_event_id: Uuid::nil(),
+        });
+    }
+    let device_id: String = row.try_get("device_id").map_err(db(OP))?;
+    let bucket = from_micros(OP, row.try_get("bucket").map_err(db(OP))?)?;
+    unpivot(&device_id, bucket, &metrics, out);
+    Ok(())
 }

@@ -550,3 +550,71 @@ pub async fn projection_versions_are_independent<H: Harness>(h: &H) {
     assert_eq!(snapshot(&store, 1).await, v1, "version 1 kept");
     assert_eq!(store.drop_projection_version(2).await.unwrap(), 0);
 }
+
+/// The projector's retention of readings: old readings go (on Postgres with their time
+/// partitions), recent ones and every rollup stay; readings land in time partitions made ahead
+/// or on demand, and stay unique by event id across them.
+pub async fn readings_retention_keeps_recent_readings_and_rollups<H: Harness>(h: &H) {
+    let store = h.open().await;
+    let v = 1;
+    let now = DateTime::from_timestamp_micros(Utc::now().timestamp_micros()).unwrap();
+    let day = TimeDelta::days(1);
+    let retention = std::time::Duration::from_secs(7 * 24 * 3600);
+    // Partitions as they were ten days ago (Postgres), so the old reading lands in one.
+    store
+        .maintain_readings(now - day * 10, retention)
+        .await
+        .unwrap();
+    let old = reading_at("dev-1", now - day * 10 + TimeDelta::hours(1), 1.0);
+    let ancient = reading_at("dev-1", now - day * 400, 2.0);
+    let recent = reading_at("dev-1", now - day * 3, 3.0);
+    let current = reading_at("dev-2", now, 4.0);
+    let out = store
+        .project(&readings(v, &[&old, &ancient, &recent, &current]))
+        .await
+        .unwrap();
+    assert_eq!(out.readings, 4);
+    let minutes = store.rollups(v, Resolution::Minute, None).await.unwrap();
+    let hours = store.rollups(v, Resolution::Hour, None).await.unwrap();
+    assert_eq!((minutes.len(), hours.len()), (4, 4));
+
+    let report = store.maintain_readings(now, retention).await.unwrap();
+    assert_eq!(store.readings_count(v).await.unwrap(), 2, "{report:?}");
+    assert_eq!(
+        store.rollups(v, Resolution::Minute, None).await.unwrap(),
+        minutes,
+        "rollups are kept"
+    );
+    assert_eq!(
+        store.rollups(v, Resolution::Hour, None).await.unwrap(),
+        hours
+    );
+    match store.backend() {
+        sluice_store::Backend::Postgres => {
+            let old_partition = format!("readings_p{}", (now - day * 10).format("%Y%m%d_000000"));
+            assert!(
+                report.partitions_dropped.contains(&old_partition),
+                "{old_partition} dropped: {report:?}"
+            );
+            assert_eq!(report.readings_deleted, 1, "the ancient one: {report:?}");
+            // The recent reading got a partition on demand, the current one a partition made
+            // ahead: the default partition holds nothing.
+            assert_eq!(h.scalar("SELECT count(*) FROM readings_default").await, 0);
+        }
+        sluice_store::Backend::Sqlite => assert_eq!(report.readings_deleted, 2, "{report:?}"),
+    }
+    // Still unique by event id in whatever partition the reading is.
+    let out = store
+        .project(&readings(v, &[&recent, &current]))
+        .await
+        .unwrap();
+    assert_eq!((out.readings, out.duplicates), (0, 2));
+    assert_eq!(
+        store
+            .maintain_readings(now, retention)
+            .await
+            .unwrap()
+            .readings_deleted,
+        0
+    );
+}
