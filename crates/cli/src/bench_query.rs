@@ -223,13 +223,13 @@ async fn measure(args: &BenchQueryArgs, store: &Store, version: i32) -> Result<Q
         (
             "per-device hourly rollup, one day",
             format!(
-                "SELECT device_id, bucket, avg, max FROM readings_1h \
-                 WHERE metric = 'temperature_c' AND bucket >= TIMESTAMPTZ '{day_ago}' \
-                 ORDER BY device_id, bucket"
+                "SELECT device_id, bucket, temperature_c_avg, temperature_c_max FROM readings_1h \
+                 WHERE bucket >= TIMESTAMPTZ '{day_ago}' ORDER BY device_id, bucket"
             ),
             format!(
-                "SELECT device_id, bucket, sum / count AS avg, max FROM readings_1h \
-                 WHERE version = {version} AND metric = 'temperature_c' \
+                "SELECT device_id, bucket, \
+                 temperature_c_sum / NULLIF(temperature_c_count, 0) AS temperature_c_avg, \
+                 temperature_c_max FROM readings_1h WHERE version = {version} \
                  AND bucket >= TIMESTAMPTZ '{day_ago}' ORDER BY device_id, bucket"
             ),
         ),

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use datafusion::arrow::array::{
-    Array, ArrayRef, BooleanArray, Float64Array, Float64Builder, Int64Array, Int64Builder,
-    StringArray, StringBuilder, TimestampMicrosecondArray, TimestampMicrosecondBuilder,
+    Array, ArrayRef, BooleanArray, Float64Array, Int64Array, StringArray,
+    TimestampMicrosecondArray, TimestampMicrosecondBuilder,
 };
 use datafusion::arrow::compute::{concat_batches, filter_record_batch};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
@@ -55,20 +55,28 @@ pub fn readings_schema() -> SchemaRef {
     Arc::new(Schema::new(fields))
 }
 
-/// `readings_1h`: one row per device, hour and metric.
+/// Per metric, the rollup columns after its name, as the store names them (`avg` is ours).
+pub const ROLLUP_STATS: [&str; 7] = ["count", "min", "max", "sum", "avg", "last", "last_at"];
+
+/// `readings_1h`: one row per device and hour, with `<metric>_<stat>` columns per metric as
+/// in the store (a metric without values in the bucket: count and sum 0, the rest NULL).
 pub fn rollup_schema() -> SchemaRef {
-    Arc::new(Schema::new(vec![
+    let mut fields = vec![
         Field::new("device_id", DataType::Utf8, false),
         Field::new("bucket", ts_type(), false),
-        Field::new("metric", DataType::Utf8, false),
-        Field::new("count", DataType::Int64, false),
-        Field::new("min", DataType::Float64, false),
-        Field::new("max", DataType::Float64, false),
-        Field::new("sum", DataType::Float64, false),
-        Field::new("avg", DataType::Float64, false),
-        Field::new("last", DataType::Float64, false),
-        Field::new("last_at", ts_type(), false),
-    ]))
+    ];
+    for m in METRICS {
+        for stat in ROLLUP_STATS {
+            let ty = match stat {
+                "count" => DataType::Int64,
+                "last_at" => ts_type(),
+                _ => DataType::Float64,
+            };
+            let nullable = !matches!(stat, "count" | "sum");
+            fields.push(Field::new(format!("{m}_{stat}"), ty, nullable));
+        }
+    }
+    Arc::new(Schema::new(fields))
 }
 
 /// `device_latest`: one row per device.
@@ -205,8 +213,8 @@ impl Cached {
 struct State {
     ids: HashSet<Uuid>,
     batches: Vec<RecordBatch>,
-    /// (device, hour bucket µs, metric index) → aggregate.
-    hourly: HashMap<(Arc<str>, i64, u8), Agg>,
+    /// (device, hour bucket µs) → aggregate per metric.
+    hourly: HashMap<(Arc<str>, i64), [Option<Agg>; 5]>,
     latest: HashMap<Arc<str>, Latest>,
     devices: HashSet<Arc<str>>,
     rollup_cache: Cached,
@@ -314,12 +322,13 @@ impl Hot {
                 .or_insert_with(|| s.latest.get(&device).and_then(|l| l.reading.map(|x| x.0)));
             let key = (r.at, r.event_id);
             let bucket = r.at.div_euclid(HOUR_US) * HOUR_US;
-            for (i, v) in r.metrics.iter().enumerate() {
+            let aggs = s.hourly.entry((device.clone(), bucket)).or_default();
+            for (agg, v) in aggs.iter_mut().zip(r.metrics) {
                 if let Some(v) = v {
-                    s.hourly
-                        .entry((device.clone(), bucket, i as u8))
-                        .and_modify(|a| a.add(*v, key))
-                        .or_insert_with(|| Agg::new(*v, key));
+                    match agg {
+                        Some(a) => a.add(v, key),
+                        None => *agg = Some(Agg::new(v, key)),
+                    }
                 }
             }
             let l = s.latest.entry(device).or_default();
@@ -377,7 +386,7 @@ impl Hot {
             }
         }
         s.batches = kept;
-        s.hourly.retain(|(_, bucket, _), _| *bucket >= cutoff);
+        s.hourly.retain(|(_, bucket), _| *bucket >= cutoff);
         s.rollup_cache.dirty = true;
     }
 
@@ -480,42 +489,36 @@ fn readings_batch(rows: &[&HotReading]) -> RecordBatch {
     RecordBatch::try_new(readings_schema(), columns).expect("columns match the schema")
 }
 
-fn rollup_batch(hourly: &HashMap<(Arc<str>, i64, u8), Agg>) -> RecordBatch {
+fn rollup_batch(hourly: &HashMap<(Arc<str>, i64), [Option<Agg>; 5]>) -> RecordBatch {
     let mut keys: Vec<_> = hourly.iter().collect();
     keys.sort_by(|a, b| a.0.cmp(b.0));
-    let n = keys.len();
-    let mut device = StringBuilder::with_capacity(n, n * 12);
-    let mut metric = StringBuilder::with_capacity(n, n * 12);
-    let (mut count, mut min, mut max, mut sum, mut avg, mut last) = (
-        Int64Builder::with_capacity(n),
-        Float64Builder::with_capacity(n),
-        Float64Builder::with_capacity(n),
-        Float64Builder::with_capacity(n),
-        Float64Builder::with_capacity(n),
-        Float64Builder::with_capacity(n),
-    );
-    for ((d, _, m), a) in &keys {
-        device.append_value(d);
-        metric.append_value(METRICS[*m as usize]);
-        count.append_value(a.count);
-        min.append_value(a.min);
-        max.append_value(a.max);
-        sum.append_value(a.sum);
-        avg.append_value(a.sum / a.count as f64);
-        last.append_value(a.last);
-    }
-    let columns: Vec<ArrayRef> = vec![
-        Arc::new(device.finish()),
-        ts(keys.iter().map(|((_, b, _), _)| Some(*b))),
-        Arc::new(metric.finish()),
-        Arc::new(count.finish()),
-        Arc::new(min.finish()),
-        Arc::new(max.finish()),
-        Arc::new(sum.finish()),
-        Arc::new(avg.finish()),
-        Arc::new(last.finish()),
-        ts(keys.iter().map(|(_, a)| Some(a.last_key.0))),
+    let mut columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from_iter_values(
+            keys.iter().map(|((d, _), _)| &**d),
+        )),
+        ts(keys.iter().map(|((_, b), _)| Some(*b))),
     ];
+    for m in 0..METRICS.len() {
+        let aggs: Vec<Option<&Agg>> = keys.iter().map(|(_, a)| a[m].as_ref()).collect();
+        let floats = |f: &dyn Fn(&Agg) -> f64| -> ArrayRef {
+            Arc::new(aggs.iter().map(|a| a.map(f)).collect::<Float64Array>())
+        };
+        columns.push(Arc::new(
+            aggs.iter()
+                .map(|a| Some(a.map_or(0, |a| a.count)))
+                .collect::<Int64Array>(),
+        ));
+        columns.push(floats(&|a| a.min));
+        columns.push(floats(&|a| a.max));
+        columns.push(Arc::new(
+            aggs.iter()
+                .map(|a| Some(a.map_or(0.0, |a| a.sum)))
+                .collect::<Float64Array>(),
+        ));
+        columns.push(floats(&|a| a.sum / a.count as f64));
+        columns.push(floats(&|a| a.last));
+        columns.push(ts(aggs.iter().map(|a| a.map(|a| a.last_key.0))));
+    }
     RecordBatch::try_new(rollup_schema(), columns).expect("columns match the schema")
 }
 
@@ -589,9 +592,14 @@ mod tests {
         assert_eq!(rows(&hot.readings()), 3);
         let r = hot.rollups();
         assert_eq!(r.num_rows(), 2);
-        let count = r.column(3).as_any().downcast_ref::<Int64Array>().unwrap();
-        let sum = r.column(6).as_any().downcast_ref::<Float64Array>().unwrap();
+        let column = |name: &str| r.column(r.schema().index_of(name).unwrap()).clone();
+        let count = column("temperature_c_count");
+        let count = count.as_any().downcast_ref::<Int64Array>().unwrap();
+        let sum = column("temperature_c_sum");
+        let sum = sum.as_any().downcast_ref::<Float64Array>().unwrap();
         assert_eq!((count.value(0), sum.value(0)), (2, 30.0));
+        let humidity = column("humidity_pct_min");
+        assert!(humidity.is_null(0), "no humidity values: NULL min");
         let latest = hot.latest();
         let t = latest
             .column(3)

@@ -243,21 +243,30 @@ impl std::fmt::Debug for Engine {
 /// The live projection version: what the projector writes unless rebuilding.
 pub const LIVE_VERSION: i32 = 1;
 
-fn columns(spec: &[(&'static str, ColumnType)]) -> Vec<(&'static str, ColumnType)> {
-    spec.to_vec()
+fn columns(spec: &[(&'static str, ColumnType)]) -> Vec<(String, ColumnType)> {
+    spec.iter().map(|(c, t)| ((*c).to_owned(), *t)).collect()
 }
 
-const ROLLUP_COLUMNS: [(&str, ColumnType); 9] = [
-    ("device_id", ColumnType::Text),
-    ("bucket", ColumnType::Timestamp),
-    ("metric", ColumnType::Text),
-    ("count", ColumnType::Int),
-    ("min", ColumnType::Float),
-    ("max", ColumnType::Float),
-    ("sum", ColumnType::Float),
-    ("last", ColumnType::Float),
-    ("last_at", ColumnType::Timestamp),
-];
+/// The store's wide rollup rows: per metric count, min, max, sum, last and its time.
+fn rollup_columns() -> Vec<(String, ColumnType)> {
+    let mut columns = vec![
+        ("device_id".to_owned(), ColumnType::Text),
+        ("bucket".to_owned(), ColumnType::Timestamp),
+    ];
+    for m in hot::METRICS {
+        for (stat, ty) in [
+            ("count", ColumnType::Int),
+            ("min", ColumnType::Float),
+            ("max", ColumnType::Float),
+            ("sum", ColumnType::Float),
+            ("last", ColumnType::Float),
+            ("last_at", ColumnType::Timestamp),
+        ] {
+            columns.push((format!("{m}_{stat}"), ty));
+        }
+    }
+    columns
+}
 
 const READINGS_COLUMNS: [(&str, ColumnType); 10] = [
     ("event_id", ColumnType::Uuid),
@@ -363,36 +372,35 @@ impl Engine {
             value: Value::Int(i64::from(version)),
         }];
         let max = limits.max_store_rows;
-        let cold = |table, spec: &[(&'static str, ColumnType)], fixed: &Vec<Filter>| {
+        let cold = |table, spec: Vec<(String, ColumnType)>, fixed: &Vec<Filter>| {
             Arc::new(ColdTable::new(
                 store.clone(),
                 table,
-                columns(spec),
+                spec,
                 fixed.clone(),
                 max,
             ))
         };
-        reg("events", cold("events", &EVENTS_COLUMNS, &vec![]))?;
-        reg("dlq", cold("dlq", &DLQ_COLUMNS, &vec![]))?;
-        reg("readings_1m", cold("readings_1m", &ROLLUP_COLUMNS, &live))?;
+        reg("events", cold("events", columns(&EVENTS_COLUMNS), &vec![]))?;
+        reg("dlq", cold("dlq", columns(&DLQ_COLUMNS), &vec![]))?;
+        reg("readings_1m", cold("readings_1m", rollup_columns(), &live))?;
         let store_schema = Arc::new(MemorySchemaProvider::new());
         ctx.catalog("datafusion")
             .ok_or_else(|| QueryError::Internal("no default catalog".into()))?
             .register_schema("store", store_schema)
             .map_err(QueryError::from_df)?;
-        reg("store.readings", cold("readings", &READINGS_COLUMNS, &live))?;
+        let readings = columns(&READINGS_COLUMNS);
+        reg("store.readings", cold("readings", readings, &live))?;
         reg(
             "store.readings_1m",
-            cold("readings_1m", &ROLLUP_COLUMNS, &live),
+            cold("readings_1m", rollup_columns(), &live),
         )?;
         reg(
             "store.readings_1h",
-            cold("readings_1h", &ROLLUP_COLUMNS, &live),
+            cold("readings_1h", rollup_columns(), &live),
         )?;
-        reg(
-            "store.device_latest",
-            cold("device_latest", &LATEST_COLUMNS, &live),
-        )?;
+        let latest = columns(&LATEST_COLUMNS);
+        reg("store.device_latest", cold("device_latest", latest, &live))?;
         datafusion_postgres::datafusion_pg_catalog::pg_catalog::setup_pg_catalog(
             &ctx,
             "datafusion",

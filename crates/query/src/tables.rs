@@ -110,7 +110,7 @@ impl TableProvider for HotTable {
 pub(crate) struct ColdTable {
     store: Store,
     table: &'static str,
-    columns: Vec<(&'static str, ColumnType)>,
+    columns: Vec<(String, ColumnType)>,
     fixed: Vec<Filter>,
     schema: SchemaRef,
     max_rows: u64,
@@ -128,13 +128,13 @@ impl ColdTable {
     pub(crate) fn new(
         store: Store,
         table: &'static str,
-        columns: Vec<(&'static str, ColumnType)>,
+        columns: Vec<(String, ColumnType)>,
         fixed: Vec<Filter>,
         max_rows: u64,
     ) -> ColdTable {
         let fields: Vec<Field> = columns
             .iter()
-            .map(|(name, ty)| Field::new(*name, arrow_type(*ty), true))
+            .map(|(name, ty)| Field::new(name, arrow_type(*ty), true))
             .collect();
         ColdTable {
             store,
@@ -276,10 +276,7 @@ impl TableProvider for ColdTable {
         let cap = limit.map_or(self.max_rows + 1, |l| (l as u64).min(self.max_rows + 1));
         let select = Select {
             table: self.table.to_owned(),
-            columns: read
-                .iter()
-                .map(|&i| (self.columns[i].0.to_owned(), self.columns[i].1))
-                .collect(),
+            columns: read.iter().map(|&i| self.columns[i].clone()).collect(),
             filters: pushed,
             limit: Some(cap),
         };

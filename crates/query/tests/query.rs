@@ -222,8 +222,20 @@ fn stream(devices: usize, n: usize, base: DateTime<Utc>, salt: u64) -> Vec<Event
     events
 }
 
-const ROLLUP_SQL: &str = "SELECT device_id, bucket, metric, count, min, max, round(sum, 6) AS sum, \
-     last, last_at FROM {t} ORDER BY device_id, bucket, metric";
+/// Every rollup column the hot and the store tables share, sums rounded.
+fn rollup_sql(table: &str) -> String {
+    let mut columns = vec!["device_id".to_owned(), "bucket".to_owned()];
+    for m in sluice_query::hot::METRICS {
+        for stat in ["count", "min", "max", "last", "last_at"] {
+            columns.push(format!("{m}_{stat}"));
+        }
+        columns.push(format!("round({m}_sum, 6) AS {m}_sum"));
+    }
+    format!(
+        "SELECT {} FROM {table} ORDER BY device_id, bucket",
+        columns.join(", ")
+    )
+}
 const LATEST_SQL: &str = "SELECT device_id, last_seen, reading_at, status, late_readings FROM {t} \
      ORDER BY device_id";
 
@@ -275,15 +287,13 @@ async fn hot_tables_follow_the_stream_and_agree_with_the_store() {
             "the store side, read through the endpoint"
         );
         // The hot hourly rollups and latest state equal the store's own.
-        let hot = rig.rows(&ROLLUP_SQL.replace("{t}", "readings_1h")).await;
-        let cold = rig
-            .rows(&ROLLUP_SQL.replace("{t}", "store.readings_1h"))
-            .await;
+        let hot = rig.rows(&rollup_sql("readings_1h")).await;
+        let cold = rig.rows(&rollup_sql("store.readings_1h")).await;
         assert!(!hot.is_empty());
         assert_eq!(hot, cold);
         // Minute rollups (read from the store) add up to the hourly ones.
         let minutes = rig
-            .count("SELECT sum(count) FROM readings_1m WHERE metric = 'temperature_c'")
+            .count("SELECT sum(temperature_c_count) FROM readings_1m")
             .await;
         assert_eq!(minutes, 700);
         let hot = rig.rows(&LATEST_SQL.replace("{t}", "device_latest")).await;
