@@ -46,7 +46,7 @@ fn help_lists_the_whole_command_tree() {
 #[test]
 fn commands_of_later_components_say_so_and_exit_2() {
     for args in [
-        &["sql", "select 1"][..],
+        &["replay", "--from", "2026-01-01"][..],
         &["run", "inferencer", "--topology", "topologies/default.yaml"],
         &["dlq", "list"],
     ] {
@@ -885,4 +885,30 @@ fn bench_query_times_the_endpoint_against_postgres_and_leaves_no_trace() {
     assert_eq!(left, 0, "the scratch version is dropped");
     assert_eq!(live_keys, 0, "its key is revoked");
     block_on(db.drop_now());
+}
+
+#[test]
+fn sql_says_what_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = sluice(&[
+        "sql",
+        "--data-dir",
+        &dir.path().display().to_string(),
+        "SELECT 1",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("run `sluice dev` first"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = sluice(&["sql", "--endpoint", "http://127.0.0.1:9", "SELECT 1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("API key"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = sluice(&["sql", "--format", "yaml", "SELECT 1"]);
+    assert_eq!(out.status.code(), Some(2));
 }
