@@ -137,14 +137,7 @@ pub fn sql(args: &SqlArgs) -> Result<ExitCode> {
         let mut out = std::io::stdout().lock();
         match format {
             "json" => out.write_all(&sluice_query::http::json_body(&output)?)?,
-            "csv" => {
-                let mut w = datafusion::arrow::csv::WriterBuilder::new()
-                    .with_header(true)
-                    .build(&mut out);
-                for b in &output.batches {
-                    w.write(b)?;
-                }
-            }
+            "csv" => out.write_all(&sluice_query::http::csv(&output)?)?,
             _ => {
                 if output.batches.is_empty() {
                     let names: Vec<&str> = output

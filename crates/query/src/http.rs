@@ -184,7 +184,8 @@ pub fn json_body(output: &Output) -> Result<Vec<u8>, datafusion::arrow::error::A
     Ok(out)
 }
 
-fn csv(output: &Output) -> Result<Vec<u8>, datafusion::arrow::error::ArrowError> {
+/// CSV with a header line (also when there are no rows).
+pub fn csv(output: &Output) -> Result<Vec<u8>, datafusion::arrow::error::ArrowError> {
     let mut w = CsvWriterBuilder::new().with_header(true).build(Vec::new());
     for b in &output.batches {
         w.write(b)?;

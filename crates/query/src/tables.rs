@@ -70,15 +70,40 @@ impl TableProvider for HotTable {
         TableType::Base
     }
 
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> datafusion::error::Result<Vec<TableProviderFilterPushDown>> {
+        // Bounds on `at` skip whole batches; DataFusion still applies every filter.
+        Ok(filters
+            .iter()
+            .map(|f| match (self.kind, at_bound(f)) {
+                (HotKind::Readings, Some(_)) => TableProviderFilterPushDown::Inexact,
+                _ => TableProviderFilterPushDown::Unsupported,
+            })
+            .collect())
+    }
+
     async fn scan(
         &self,
         _state: &dyn Session,
         projection: Option<&Vec<usize>>,
-        _filters: &[Expr],
+        filters: &[Expr],
         _limit: Option<usize>,
     ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
         let batches = match self.kind {
-            HotKind::Readings => self.hot.readings(),
+            HotKind::Readings => {
+                let (mut lo, mut hi) = (i64::MIN, i64::MAX);
+                for (op, t) in filters.iter().filter_map(at_bound) {
+                    match op {
+                        Op::Gt | Op::GtEq => lo = lo.max(t),
+                        Op::Lt | Op::LtEq => hi = hi.min(t),
+                        Op::Eq => (lo, hi) = (lo.max(t), hi.min(t)),
+                        Op::NotEq => {}
+                    }
+                }
+                within(self.hot.readings(), lo, hi)
+            }
             HotKind::Rollups => vec![self.hot.rollups()],
             HotKind::Latest => vec![self.hot.latest()],
         };
@@ -102,6 +127,62 @@ impl TableProvider for HotTable {
             projection.cloned(),
         )?)
     }
+}
+
+/// `at <op> <instant>`, as (op, µs).
+fn at_bound(expr: &Expr) -> Option<(Op, i64)> {
+    let Expr::BinaryExpr(BinaryExpr { left, op, right }) = expr else {
+        return None;
+    };
+    let (column, op, literal) = match (left.as_ref(), right.as_ref()) {
+        (Expr::Column(c), Expr::Literal(v, _)) => (c, *op, v),
+        (Expr::Literal(v, _), Expr::Column(c)) => (c, flip(*op)?, v),
+        _ => return None,
+    };
+    if column.name != "at" {
+        return None;
+    }
+    let us = match literal {
+        ScalarValue::TimestampMicrosecond(Some(us), _) => *us,
+        ScalarValue::TimestampNanosecond(Some(ns), _) => ns.div_euclid(1000),
+        ScalarValue::TimestampMillisecond(Some(ms), _) => ms.checked_mul(1000)?,
+        ScalarValue::TimestampSecond(Some(s), _) => s.checked_mul(1_000_000)?,
+        _ => return None,
+    };
+    let op = match op {
+        Operator::Eq => Op::Eq,
+        Operator::Lt => Op::Lt,
+        Operator::LtEq => Op::LtEq,
+        Operator::Gt => Op::Gt,
+        Operator::GtEq => Op::GtEq,
+        _ => return None,
+    };
+    Some((op, us))
+}
+
+/// The batches that may hold readings with `lo <= at <= hi` (bounds inclusive, so a strict
+/// comparison keeps its edge batch; the filter above drops the edge rows).
+fn within(batches: Vec<RecordBatch>, lo: i64, hi: i64) -> Vec<RecordBatch> {
+    use datafusion::arrow::compute::{max, min};
+    if lo == i64::MIN && hi == i64::MAX {
+        return batches;
+    }
+    batches
+        .into_iter()
+        .filter(|b| {
+            let Some(at) = b
+                .column(2)
+                .as_any()
+                .downcast_ref::<TimestampMicrosecondArray>()
+            else {
+                return true;
+            };
+            match (min(at), max(at)) {
+                (Some(first), Some(last)) => last >= lo && first <= hi,
+                _ => false,
+            }
+        })
+        .collect()
 }
 
 /// A store table read on demand. Filters of the form `column op literal` are sent to the
@@ -308,5 +389,46 @@ impl TableProvider for ColdTable {
             schema,
             None,
         )?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hot::{Hot, HotReading};
+    use std::time::Duration;
+
+    fn batch_of(ats: &[i64]) -> Vec<RecordBatch> {
+        let hot = Hot::new(Duration::from_secs(1 << 40));
+        let now = chrono::DateTime::from_timestamp_micros(4_000_000_000_000_000).unwrap();
+        let readings = ats
+            .iter()
+            .map(|&at| HotReading {
+                event_id: uuid::Uuid::new_v4(),
+                device_id: "d".into(),
+                at,
+                ingested_at: at,
+                seq: None,
+                metrics: [None; 5],
+            })
+            .collect();
+        hot.load(vec![], readings, now);
+        hot.readings()
+    }
+
+    #[test]
+    fn only_batches_outside_the_bounds_are_skipped() {
+        let mut batches = batch_of(&[10, 20]);
+        batches.extend(batch_of(&[30, 40]));
+        assert_eq!(within(batches.clone(), i64::MIN, i64::MAX).len(), 2);
+        assert_eq!(within(batches.clone(), 21, i64::MAX).len(), 1);
+        assert_eq!(
+            within(batches.clone(), 20, i64::MAX).len(),
+            2,
+            "an edge is kept"
+        );
+        assert_eq!(within(batches.clone(), i64::MIN, 29).len(), 1);
+        assert_eq!(within(batches.clone(), 25, 26).len(), 0);
+        assert_eq!(within(batches, 40, 40).len(), 1);
     }
 }
