@@ -258,9 +258,12 @@ impl Hot {
     pub fn load(
         &self,
         latest: Vec<(String, Latest)>,
-        readings: Vec<HotReading>,
+        mut readings: Vec<HotReading>,
         now: DateTime<Utc>,
     ) {
+        // In device-time order, so each batch covers a short span and a query bounded in time
+        // skips most of them (the store returns rows in no particular order).
+        readings.sort_unstable_by_key(|r| r.at);
         {
             let mut s = self.write();
             s.cutoff = self.cutoff(now);
