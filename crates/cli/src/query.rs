@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, anyhow, bail};
 use datafusion::arrow::ipc::reader::StreamReader;
 use datafusion::arrow::record_batch::RecordBatch;
-use datafusion::arrow::util::pretty::pretty_format_batches;
+use datafusion::arrow::util::pretty::pretty_format_batches_with_schema;
 use sluice_log::{EmbeddedLog, KafkaLog, Log};
 use sluice_query::{Engine, Hot, Output, Settings};
 use sluice_schemas::EventCodec;
@@ -139,17 +139,10 @@ pub fn sql(args: &SqlArgs) -> Result<ExitCode> {
             "json" => out.write_all(&sluice_query::http::json_body(&output)?)?,
             "csv" => out.write_all(&sluice_query::http::csv(&output)?)?,
             _ => {
-                if output.batches.is_empty() {
-                    let names: Vec<&str> = output
-                        .schema
-                        .fields()
-                        .iter()
-                        .map(|f| f.name().as_str())
-                        .collect();
-                    writeln!(out, "{}", names.join(" | "))?;
-                } else {
-                    writeln!(out, "{}", pretty_format_batches(&output.batches)?)?;
-                }
+                // The header shows even when there are no rows.
+                let table =
+                    pretty_format_batches_with_schema(output.schema.clone(), &output.batches)?;
+                writeln!(out, "{table}")?;
                 writeln!(
                     out,
                     "({} row{}{})",
