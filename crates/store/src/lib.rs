@@ -1,6 +1,6 @@
 //! The store of Sluice: the append-only event store, the transactional outbox, consumer offsets
 //! committed with the writes they produced, the dead-letter table, and the projector's read
-//! models (latest state, readings, 1-minute and 1-hour rollups), on PostgreSQL
+//! models (latest state, readings, 1-minute and 1-hour rollups, anomalies), on PostgreSQL
 //! (`postgres://...`) or SQLite (`sqlite://PATH`) through `sqlx`. Both pass one contract suite
 //! (`tests/contract`), and processors never see which one they run on.
 //!
@@ -39,7 +39,8 @@ pub use model::{
     StoredEvent,
 };
 pub use projections::{
-    DeviceLatest, ProjectionBatch, ProjectionOutcome, Reading, Resolution, Rollup, StatusChange,
+    Anomaly, DeviceLatest, ProjectionBatch, ProjectionOutcome, Reading, Resolution, Rollup,
+    StatusChange,
 };
 
 pub use select::{Column, ColumnType, Columns, Filter, Op, READABLE_TABLES, Select, Value};
@@ -324,10 +325,12 @@ impl Store {
         dispatch!(self.maintain(now))
     }
 
-    /// The projector's retention of `readings` as of `now`: on Postgres creates the current
-    /// time partition of `readings` (by device time) and `partitions_ahead` more, drops
-    /// partitions entirely older than `now - retention` and deletes older rows of the default
-    /// partition; on SQLite deletes older readings. Rollups and latest state are kept.
+    /// The projector's retention of `readings` and `anomalies` as of `now`: on Postgres
+    /// creates the current time partition of `readings` (by device time) and
+    /// `partitions_ahead` more, drops partitions entirely older than `now - retention` and
+    /// deletes older rows of the default partition; on SQLite deletes older readings. On both,
+    /// deletes the anomalies whose device time is older than `now - retention`. Rollups and
+    /// latest state are kept.
     pub async fn maintain_readings(
         &self,
         now: DateTime<Utc>,
@@ -374,8 +377,8 @@ impl Store {
 impl Store {
     /// Projects a batch into read model `batch.version`, in one transaction with its offsets:
     /// the readings not stored yet (by event id), their 1-minute and 1-hour rollups updated
-    /// incrementally, each device's latest state, and the offsets. Nothing of it is stored if
-    /// anything fails. Repeats and out-of-order events are harmless: only new readings count
+    /// incrementally, each device's latest state, the anomalies not stored yet (by event id),
+    /// and the offsets. Nothing of it is stored if anything fails. Repeats and out-of-order events are harmless: only new readings count
     /// in rollups, and latest state only moves forward in (device time, event id).
     ///
     /// Assumes one writer per device at a time (the partition owner), as for appends: late-ness
@@ -419,8 +422,14 @@ impl Store {
         dispatch!(self.readings_count(version))
     }
 
-    /// Deletes every row of projection `version` (readings, rollups, latest state) in one
-    /// transaction; returns how many rows were deleted.
+    /// The anomalies stored in `version`, of one device or all, by device (byte order),
+    /// device time and event id.
+    pub async fn anomalies(&self, version: i32, device_id: Option<&str>) -> Result<Vec<Anomaly>> {
+        dispatch!(self.anomalies(version, device_id))
+    }
+
+    /// Deletes every row of projection `version` (readings, rollups, latest state, anomalies)
+    /// in one transaction; returns how many rows were deleted.
     pub async fn drop_projection_version(&self, version: i32) -> Result<u64> {
         dispatch!(self.drop_projection_version(version))
     }

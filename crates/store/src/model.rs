@@ -296,4 +296,7 @@ pub struct MaintainReport {
     /// Readings deleted row by row by [`maintain_readings`](crate::Store::maintain_readings)
     /// (SQLite; on Postgres, rows of the default partition).
     pub readings_deleted: u64,
+    /// Anomalies deleted by [`maintain_readings`](crate::Store::maintain_readings) (both
+    /// backends; row by row).
+    pub anomalies_deleted: u64,
 }

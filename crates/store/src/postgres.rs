@@ -108,6 +108,21 @@ LEFT JOIN LATERAL regexp_match(pg_get_expr(c.relpartbound, c.oid),
 WHERE i.inhparent = $1::regclass
 ORDER BY lo NULLS FIRST, name";
 
+/// The anomalies older than `$1` (device time). Per version, so that the (version, at) index
+/// serves the range: the versions are found by a loose index scan of the primary key (one
+/// probe per version; Postgres 15 has no skip scan), not by reading the table.
+const DELETE_OLD_ANOMALIES: &str = "
+WITH RECURSIVE versions(version) AS (
+    (SELECT version FROM anomalies ORDER BY version LIMIT 1)
+    UNION ALL
+    SELECT (SELECT a.version FROM anomalies a WHERE a.version > v.version
+            ORDER BY a.version LIMIT 1)
+    FROM versions v
+    WHERE v.version IS NOT NULL
+)
+DELETE FROM anomalies
+WHERE version IN (SELECT version FROM versions WHERE version IS NOT NULL) AND at < $1";
+
 /// A time-partitioned table. Its partitions are aligned intervals of `partition_interval`;
 /// a default partition catches rows no range partition covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -427,8 +442,18 @@ impl PgStore {
     ) -> Result<MaintainReport> {
         let retention = i64::try_from(retention.as_micros()).unwrap_or(i64::MAX);
         let cutoff = micros(now).saturating_sub(retention);
-        self.partition_tx(Partitioned::Readings, self.wanted(now), Some(cutoff))
+        let mut report = self
+            .partition_tx(Partitioned::Readings, self.wanted(now), Some(cutoff))
+            .await?;
+        // Apart from the partition transaction: it may hold `readings` exclusively, and
+        // deleting anomalies has nothing to do with that lock.
+        report.anomalies_deleted = sqlx::query(DELETE_OLD_ANOMALIES)
+            .bind(from_micros("maintain_readings", cutoff)?)
+            .execute(&self.pool)
             .await
+            .map_err(db("maintain_readings"))?
+            .rows_affected();
+        Ok(report)
     }
 
     /// Creates, best effort, the partitions of `table` that rows at `times` need and no known

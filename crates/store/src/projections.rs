@@ -1,6 +1,7 @@
 //! The projector's read models: what goes in ([`ProjectionBatch`]), what comes out, and the
 //! backend-independent part of [`Store::project`](crate::Store::project): deduplication,
 //! late-ness, and rollup and latest-state deltas aggregated per key before any statement runs.
+//! Anomalies ([`Anomaly`]) are stored as they come, once per event id.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -89,6 +90,35 @@ pub struct StatusChange {
     pub reason: Option<String>,
 }
 
+/// An inference result labelled `anomaly` (an `inference.result` event), to store in the
+/// `anomalies` table. Results labelled `normal` are not stored: every reading is scored, and
+/// keeping them all would double the readings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Anomaly {
+    /// The inference event's id (derived from the scored reading and the model): an anomaly is
+    /// stored once per projection version.
+    pub event_id: Uuid,
+    /// The scored event (a reading).
+    pub input_event_id: Uuid,
+    /// The device (the inference event's aggregate id).
+    pub device_id: String,
+    /// The scored reading's device time (the inference event's `occurred_at`); retention and
+    /// the table's time indexes go by it.
+    pub at: DateTime<Utc>,
+    /// The anomaly score; higher is more anomalous.
+    pub score: f64,
+    /// The score at or above which the model labels a reading an anomaly.
+    pub threshold: f64,
+    /// The model that scored it.
+    pub model_name: String,
+    /// Its version.
+    pub model_version: String,
+    /// The feature values the model saw, by name (stored as a JSON object).
+    pub features: BTreeMap<String, f64>,
+    /// The device's site, when the inferencer knows it.
+    pub site: Option<String>,
+}
+
 /// Everything one input batch of the projector writes, in one transaction.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ProjectionBatch {
@@ -98,6 +128,8 @@ pub struct ProjectionBatch {
     pub readings: Vec<Reading>,
     /// Status events, in any order; only the newest per device is kept.
     pub statuses: Vec<StatusChange>,
+    /// Anomalies, in any order; repeats of a stored event id are ignored.
+    pub anomalies: Vec<Anomaly>,
     /// Input offsets to commit with the writes (as in [`AppendBatch`](crate::AppendBatch)).
     pub offsets: Vec<ConsumerOffset>,
 }
@@ -116,6 +148,9 @@ pub struct ProjectionOutcome {
     /// Distinct status events newer, by (time, event id), than the device's status before
     /// this batch; older and repeated ones are ignored.
     pub statuses: u64,
+    /// Anomalies newly stored; repeats of an event id already stored in this version (or
+    /// earlier in the batch) are not counted.
+    pub anomalies: u64,
 }
 
 /// Rollup width.
@@ -208,6 +243,15 @@ pub(crate) struct ReadingRow<'a> {
     pub ingested_at: DateTime<Utc>,
     /// `extra` as JSON text.
     pub extra: String,
+}
+
+/// One anomaly of the batch, first occurrence of its id, ready to bind.
+#[derive(Debug)]
+pub(crate) struct AnomalyRow<'a> {
+    pub src: &'a Anomaly,
+    pub at: DateTime<Utc>,
+    /// `features` as JSON text.
+    pub features: String,
 }
 
 /// The device's state before the batch, as far as ordering decisions need it.
@@ -314,6 +358,8 @@ pub(crate) struct Plan<'a> {
 pub(crate) struct PreparedProjection<'a> {
     pub batch: &'a ProjectionBatch,
     pub readings: Vec<ReadingRow<'a>>,
+    /// Sorted by event id (so concurrent writers lock rows in the same order).
+    pub anomalies: Vec<AnomalyRow<'a>>,
 }
 
 const OP: &str = "project";
@@ -345,7 +391,37 @@ impl<'a> PreparedProjection<'a> {
                 extra: json_text(&r.extra)?,
             });
         }
-        Ok(Self { batch, readings })
+        let mut seen = HashSet::with_capacity(batch.anomalies.len());
+        let mut anomalies = Vec::with_capacity(batch.anomalies.len());
+        for a in &batch.anomalies {
+            let finite = a.score.is_finite()
+                && a.threshold.is_finite()
+                && a.features.values().all(|v| v.is_finite());
+            if !finite {
+                // SQLite cannot store NaN, and JSON has no text for it.
+                return Err(Error::InvalidArgument {
+                    op: OP,
+                    reason: format!(
+                        "anomaly {} has a score, threshold or feature that is not a finite number",
+                        a.event_id
+                    ),
+                });
+            }
+            if !seen.insert(a.event_id) {
+                continue;
+            }
+            anomalies.push(AnomalyRow {
+                src: a,
+                at: trunc(a.at),
+                features: json_text(&a.features)?,
+            });
+        }
+        anomalies.sort_unstable_by_key(|a| a.src.event_id);
+        Ok(Self {
+            batch,
+            readings,
+            anomalies,
+        })
     }
 
     /// Devices whose prior state the plan needs, sorted.

@@ -16,13 +16,14 @@ use crate::prepare::micros;
 use crate::{Error, Inner, Result, Store};
 
 /// The store tables the SQL endpoint may read.
-pub const READABLE_TABLES: [&str; 7] = [
+pub const READABLE_TABLES: [&str; 8] = [
     "events",
     "dlq",
     "readings",
     "readings_1m",
     "readings_1h",
     "device_latest",
+    "anomalies",
     "consumer_offsets",
 ];
 

@@ -152,8 +152,18 @@ impl SqliteStore {
         .await
         .map_err(db("maintain_readings"))?
         .rows_affected();
+        let anomalies_deleted = sqlx::query(
+            "DELETE FROM anomalies
+             WHERE version IN (SELECT DISTINCT version FROM anomalies) AND at < ?1",
+        )
+        .bind(cutoff)
+        .execute(&self.writer)
+        .await
+        .map_err(db("maintain_readings"))?
+        .rows_affected();
         Ok(MaintainReport {
             readings_deleted: deleted,
+            anomalies_deleted,
             ..MaintainReport::default()
         })
     }

@@ -100,6 +100,10 @@ contract!(
     projection_offsets_commit_atomically,
     projection_versions_are_independent,
     readings_retention_keeps_recent_readings_and_rollups,
+    anomalies_are_stored_once_per_event_id,
+    anomalies_commit_with_the_offsets,
+    anomalies_retention_keeps_recent_ones,
+    select_reads_anomalies,
 );
 
 /// Another process holding the write lock longer than busy_timeout: "database is locked" is

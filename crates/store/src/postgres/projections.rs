@@ -14,7 +14,7 @@ use crate::Result;
 use crate::error::db;
 use crate::prepare::offset_rows;
 use crate::projections::{
-    DeviceLatest, METRICS, MetricDelta, PreparedProjection, Prior, ProjectionBatch,
+    Anomaly, DeviceLatest, METRICS, MetricDelta, PreparedProjection, Prior, ProjectionBatch,
     ProjectionOutcome, Resolution, Rollup, unpivot,
 };
 
@@ -31,6 +31,21 @@ FROM unnest($2::uuid[], $3::text[], $4::timestamptz[], $5::timestamptz[], $6::in
      AS u(event_id, device_id, at, ingested_at, seq, t, h, p, v, b, extra)
 ORDER BY u.event_id
 ON CONFLICT (version, event_id, at) DO NOTHING
+RETURNING event_id";
+
+/// Anomalies come sorted by event id (lock order, as readings); only the ids returned are new.
+/// `projected_at` is the transaction's start.
+const INSERT_ANOMALIES: &str = "
+INSERT INTO anomalies (version, event_id, input_event_id, device_id, at, score, threshold,
+                       model_name, model_version, features, site, projected_at)
+SELECT $1, u.event_id, u.input_event_id, u.device_id, u.at, u.score, u.threshold,
+       u.model_name, u.model_version, u.features::jsonb, u.site, now()
+FROM unnest($2::uuid[], $3::uuid[], $4::text[], $5::timestamptz[], $6::float8[],
+            $7::float8[], $8::text[], $9::text[], $10::text[], $11::text[])
+     WITH ORDINALITY AS u(event_id, input_event_id, device_id, at, score, threshold, model_name,
+                          model_version, features, site, ord)
+ORDER BY u.ord
+ON CONFLICT (version, event_id) DO NOTHING
 RETURNING event_id";
 
 /// Locks the devices' rows (in device order) so late-ness is judged against a state nobody
@@ -319,6 +334,39 @@ impl PgStore {
                 .map_err(db(OP))?;
         }
 
+        let mut outcome = plan.outcome;
+        if !p.anomalies.is_empty() {
+            let a = &p.anomalies;
+            let ids: Vec<Uuid> = sqlx::query_scalar(INSERT_ANOMALIES)
+                .bind(version)
+                .bind(a.iter().map(|x| x.src.event_id).collect::<Vec<_>>())
+                .bind(a.iter().map(|x| x.src.input_event_id).collect::<Vec<_>>())
+                .bind(
+                    a.iter()
+                        .map(|x| x.src.device_id.as_str())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(a.iter().map(|x| x.at).collect::<Vec<_>>())
+                .bind(a.iter().map(|x| x.src.score).collect::<Vec<_>>())
+                .bind(a.iter().map(|x| x.src.threshold).collect::<Vec<_>>())
+                .bind(
+                    a.iter()
+                        .map(|x| x.src.model_name.as_str())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    a.iter()
+                        .map(|x| x.src.model_version.as_str())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(a.iter().map(|x| x.features.as_str()).collect::<Vec<_>>())
+                .bind(a.iter().map(|x| x.src.site.as_deref()).collect::<Vec<_>>())
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db(OP))?;
+            outcome.anomalies = ids.len() as u64;
+        }
+
         let o = offset_rows(&batch.offsets);
         if !o.is_empty() {
             sqlx::query(UPSERT_OFFSETS)
@@ -331,7 +379,7 @@ impl PgStore {
                 .map_err(db(OP))?;
         }
         tx.commit().await.map_err(db(OP))?;
-        Ok(plan.outcome)
+        Ok(outcome)
     }
 
     pub async fn device_latest(
@@ -410,11 +458,50 @@ impl PgStore {
         Ok(n.unsigned_abs())
     }
 
+    pub async fn anomalies(&self, version: i32, device_id: Option<&str>) -> Result<Vec<Anomaly>> {
+        const OP: &str = "anomalies";
+        let rows = sqlx::query(
+            r#"SELECT event_id, input_event_id, device_id, at, score, threshold, model_name,
+                      model_version, features, site
+               FROM anomalies
+               WHERE version = $1 AND ($2::text IS NULL OR device_id = $2)
+               ORDER BY device_id COLLATE "C", at, event_id"#,
+        )
+        .bind(version)
+        .bind(device_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db(OP))?;
+        rows.iter()
+            .map(|row| {
+                let Json(features) = row.try_get("features").map_err(db(OP))?;
+                Ok(Anomaly {
+                    event_id: row.try_get("event_id").map_err(db(OP))?,
+                    input_event_id: row.try_get("input_event_id").map_err(db(OP))?,
+                    device_id: row.try_get("device_id").map_err(db(OP))?,
+                    at: row.try_get("at").map_err(db(OP))?,
+                    score: row.try_get("score").map_err(db(OP))?,
+                    threshold: row.try_get("threshold").map_err(db(OP))?,
+                    model_name: row.try_get("model_name").map_err(db(OP))?,
+                    model_version: row.try_get("model_version").map_err(db(OP))?,
+                    features,
+                    site: row.try_get("site").map_err(db(OP))?,
+                })
+            })
+            .collect()
+    }
+
     pub async fn drop_projection_version(&self, version: i32) -> Result<u64> {
         const OP: &str = "drop_projection_version";
         let mut tx = self.pool.begin().await.map_err(db(OP))?;
         let mut n = 0;
-        for table in ["readings", "readings_1m", "readings_1h", "device_latest"] {
+        for table in [
+            "readings",
+            "readings_1m",
+            "readings_1h",
+            "device_latest",
+            "anomalies",
+        ] {
             n += sqlx::query(&format!("DELETE FROM {table} WHERE version = $1"))
                 .bind(version)
                 .execute(&mut *tx)

@@ -13,7 +13,7 @@ use crate::Result;
 use crate::error::db;
 use crate::prepare::{chunk_sizes, from_micros, micros, offset_rows};
 use crate::projections::{
-    DeviceLatest, METRICS, MetricDelta, PreparedProjection, Prior, ProjectionBatch,
+    Anomaly, DeviceLatest, METRICS, MetricDelta, PreparedProjection, Prior, ProjectionBatch,
     ProjectionOutcome, Resolution, Rollup, unpivot,
 };
 
@@ -265,7 +265,40 @@ impl SqliteStore {
             q.execute(&mut *tx).await.map_err(db(OP))?;
         }
 
-        let updated_at = micros(chrono::Utc::now());
+        let mut outcome = plan.outcome;
+        let projected_at = micros(chrono::Utc::now());
+        let mut start = 0;
+        for size in chunk_sizes(p.anomalies.len(), MAX_ROWS_PER_INSERT) {
+            let rows = &p.anomalies[start..start + size];
+            start += size;
+            let sql = multi_row(
+                "INSERT INTO anomalies (version, event_id, input_event_id, device_id, at, score, \
+                 threshold, model_name, model_version, features, site, projected_at) VALUES ",
+                12,
+                size,
+                " ON CONFLICT (version, event_id) DO NOTHING RETURNING event_id",
+            );
+            let mut q = sqlx::query_scalar::<_, Hyphenated>(&sql);
+            for a in rows {
+                let s = a.src;
+                q = q
+                    .bind(version)
+                    .bind(s.event_id.hyphenated())
+                    .bind(s.input_event_id.hyphenated())
+                    .bind(s.device_id.as_str())
+                    .bind(micros(a.at))
+                    .bind(s.score)
+                    .bind(s.threshold)
+                    .bind(s.model_name.as_str())
+                    .bind(s.model_version.as_str())
+                    .bind(a.features.as_str())
+                    .bind(s.site.as_deref())
+                    .bind(projected_at);
+            }
+            outcome.anomalies += q.fetch_all(&mut *tx).await.map_err(db(OP))?.len() as u64;
+        }
+
+        let updated_at = projected_at;
         for (group, topic, partition, next_offset) in offset_rows(&batch.offsets) {
             sqlx::query(
                 "INSERT INTO consumer_offsets (group_id, topic, partition, next_offset, updated_at) \
@@ -283,7 +316,7 @@ impl SqliteStore {
             .map_err(db(OP))?;
         }
         tx.commit().await.map_err(db(OP))?;
-        Ok(plan.outcome)
+        Ok(outcome)
     }
 
     pub async fn device_latest(
@@ -362,6 +395,45 @@ impl SqliteStore {
         Ok(n.unsigned_abs())
     }
 
+    pub async fn anomalies(&self, version: i32, device_id: Option<&str>) -> Result<Vec<Anomaly>> {
+        const OP: &str = "anomalies";
+        let rows = sqlx::query(
+            "SELECT event_id, input_event_id, device_id, at, score, threshold, model_name,
+                    model_version, features, site
+             FROM anomalies
+             WHERE version = ?1 AND (?2 IS NULL OR device_id = ?2)
+             ORDER BY device_id, at, event_id",
+        )
+        .bind(version)
+        .bind(device_id)
+        .fetch_all(&self.reader)
+        .await
+        .map_err(db(OP))?;
+        rows.iter()
+            .map(|row| {
+                let features: String = row.try_get("features").map_err(db(OP))?;
+                Ok(Anomaly {
+                    event_id: row
+                        .try_get::<Hyphenated, _>("event_id")
+                        .map_err(db(OP))?
+                        .into_uuid(),
+                    input_event_id: row
+                        .try_get::<Hyphenated, _>("input_event_id")
+                        .map_err(db(OP))?
+                        .into_uuid(),
+                    device_id: row.try_get("device_id").map_err(db(OP))?,
+                    at: from_micros(OP, row.try_get("at").map_err(db(OP))?)?,
+                    score: row.try_get("score").map_err(db(OP))?,
+                    threshold: row.try_get("threshold").map_err(db(OP))?,
+                    model_name: row.try_get("model_name").map_err(db(OP))?,
+                    model_version: row.try_get("model_version").map_err(db(OP))?,
+                    features: parse_json(OP, &features)?,
+                    site: row.try_get("site").map_err(db(OP))?,
+                })
+            })
+            .collect()
+    }
+
     pub async fn drop_projection_version(&self, version: i32) -> Result<u64> {
         const OP: &str = "drop_projection_version";
         let mut tx = self
@@ -370,7 +442,13 @@ impl SqliteStore {
             .await
             .map_err(db(OP))?;
         let mut n = 0;
-        for table in ["readings", "readings_1m", "readings_1h", "device_latest"] {
+        for table in [
+            "readings",
+            "readings_1m",
+            "readings_1h",
+            "device_latest",
+            "anomalies",
+        ] {
             n += sqlx::query(&format!("DELETE FROM {table} WHERE version = ?1"))
                 .bind(version)
                 .execute(&mut *tx)

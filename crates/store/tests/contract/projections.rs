@@ -1,14 +1,15 @@
 //! The projector's read models: incremental rollups equal rollups computed from scratch
 //! whatever the batching, repeats and arrival order; latest state only moves forward; offsets
-//! commit with the projection; versions do not touch each other.
+//! commit with the projection; versions do not touch each other; anomalies are stored once,
+//! roll back with the offsets, go with retention and are readable through `select`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use chrono::{DateTime, TimeDelta, Utc};
 use serde_json::json;
 use sluice_store::{
-    ConsumerOffset, Error, ProjectionBatch, ProjectionOutcome, Reading, Resolution, Rollup,
-    StatusChange, Store,
+    Anomaly, Column, ColumnType, ConsumerOffset, Error, Filter, Op, ProjectionBatch,
+    ProjectionOutcome, Reading, Resolution, Rollup, Select, StatusChange, Store, Value,
 };
 use uuid::Uuid;
 
@@ -211,6 +212,7 @@ pub async fn incremental_rollups_equal_rollups_from_scratch<H: Harness>(h: &H) {
                 version,
                 readings: chunk.to_vec(),
                 statuses: Vec::new(),
+                anomalies: Vec::new(),
                 offsets: vec![offset(0, next_offset)],
             };
             // The rule: late when the minute is before the minute of the device's newest
@@ -617,4 +619,294 @@ pub async fn readings_retention_keeps_recent_readings_and_rollups<H: Harness>(h:
             .readings_deleted,
         0
     );
+}
+
+fn anomaly_at(device: &str, at: DateTime<Utc>, score: f64) -> Anomaly {
+    Anomaly {
+        event_id: Uuid::new_v4(),
+        input_event_id: Uuid::new_v4(),
+        device_id: device.to_owned(),
+        at,
+        score,
+        threshold: 0.7,
+        model_name: "anomaly-iforest".to_owned(),
+        model_version: "3".to_owned(),
+        features: BTreeMap::from([
+            ("temperature_c".to_owned(), 81.25),
+            ("vibration_mm_s".to_owned(), 0.1 + 0.2),
+        ]),
+        site: Some("plant-3".to_owned()),
+    }
+}
+
+fn anomalies(version: i32, anomalies: &[&Anomaly]) -> ProjectionBatch {
+    ProjectionBatch {
+        version,
+        anomalies: anomalies.iter().map(|a| (*a).clone()).collect(),
+        ..ProjectionBatch::default()
+    }
+}
+
+/// Anomalies are stored once per event id whatever the redelivery (within a batch, in a later
+/// batch, beside readings), read back exactly (features, no site, microseconds), by device and
+/// in order; versions are independent and dropping one removes its anomalies.
+pub async fn anomalies_are_stored_once_per_event_id<H: Harness>(h: &H) {
+    let store = h.open().await;
+    let v = 1;
+    let a = anomaly_at("pump-1", at(60) + TimeDelta::microseconds(7), 0.91);
+    let b = anomaly_at("pump-1", at(30), 0.75);
+    let mut c = anomaly_at("fan-2", at(10), 0.8);
+    (c.site, c.features) = (None, BTreeMap::new());
+
+    let out = store.project(&anomalies(v, &[&a, &b, &a])).await.unwrap();
+    assert_eq!(out.anomalies, 2, "a repeat within the batch is stored once");
+    // Redelivered beside a new one and a reading: only the new one counts.
+    let r = reading_at("pump-1", at(60), 80.0);
+    let mut batch = anomalies(v, &[&b, &c, &a]);
+    batch.readings = vec![r.clone()];
+    batch.offsets = vec![offset(0, 3)];
+    let out = store.project(&batch).await.unwrap();
+    assert_eq!((out.anomalies, out.readings), (1, 1));
+    let out = store.project(&batch).await.unwrap();
+    assert_eq!((out.anomalies, out.readings, out.duplicates), (0, 0, 1));
+    assert_eq!(h.scalar("SELECT count(*) FROM anomalies").await, 3);
+
+    let all = store.anomalies(v, None).await.unwrap();
+    assert_eq!(
+        all,
+        vec![c.clone(), b.clone(), a.clone()],
+        "by device, then time"
+    );
+    assert_eq!(
+        store.anomalies(v, Some("pump-1")).await.unwrap(),
+        vec![b.clone(), a.clone()]
+    );
+    assert!(store.anomalies(v, Some("nobody")).await.unwrap().is_empty());
+
+    // Another version takes the same events as new, and goes without touching version 1.
+    let out = store.project(&anomalies(2, &[&a, &b])).await.unwrap();
+    assert_eq!(out.anomalies, 2);
+    assert_eq!(store.anomalies(v, None).await.unwrap(), all);
+    assert_eq!(store.drop_projection_version(2).await.unwrap(), 2);
+    assert!(store.anomalies(2, None).await.unwrap().is_empty());
+    assert_eq!(store.anomalies(v, None).await.unwrap(), all);
+}
+
+/// A batch that fails stores none of its anomalies (nor anything else), and its offsets stay
+/// where they were; fixed, it stores them as new. Non-finite scores and features are refused
+/// before anything is written.
+pub async fn anomalies_commit_with_the_offsets<H: Harness>(h: &H) {
+    let store = h.open().await;
+    let v = 1;
+    let first = anomaly_at("dev-1", at(0), 0.9);
+    let mut b = anomalies(v, &[&first]);
+    b.offsets = vec![offset(0, 4)];
+    assert_eq!(store.project(&b).await.unwrap().anomalies, 1);
+
+    let second = anomaly_at("dev-1", at(60), 0.95);
+    let third = anomaly_at("dev-2", at(90), 0.99);
+    let r = reading_at("dev-1", at(60), 70.0);
+    let mut b = anomalies(v, &[&second, &third]);
+    b.readings = vec![r];
+    b.offsets = vec![offset(0, -1)];
+    let err = store
+        .project(&b)
+        .await
+        .expect_err("negative offset refused");
+    assert!(!err.is_transient(), "{err}");
+    assert_eq!(store.anomalies(v, None).await.unwrap(), vec![first.clone()]);
+    assert_eq!(store.readings_count(v).await.unwrap(), 0);
+    assert_eq!(
+        store.consumer_offsets(GROUP).await.unwrap(),
+        vec![offset(0, 4)]
+    );
+
+    b.offsets = vec![offset(0, 6)];
+    let out = store.project(&b).await.unwrap();
+    assert_eq!((out.anomalies, out.readings), (2, 1));
+    assert_eq!(store.anomalies(v, None).await.unwrap().len(), 3);
+    assert_eq!(
+        store.consumer_offsets(GROUP).await.unwrap(),
+        vec![offset(0, 6)]
+    );
+
+    for bad in [
+        Anomaly {
+            score: f64::NAN,
+            ..anomaly_at("dev-3", at(0), 0.0)
+        },
+        Anomaly {
+            threshold: f64::INFINITY,
+            ..anomaly_at("dev-3", at(0), 0.9)
+        },
+        Anomaly {
+            features: BTreeMap::from([("x".to_owned(), f64::NEG_INFINITY)]),
+            ..anomaly_at("dev-3", at(0), 0.9)
+        },
+    ] {
+        let mut b = anomalies(v, &[&bad]);
+        b.offsets = vec![offset(0, 7)];
+        let err = store.project(&b).await.expect_err("not finite: refused");
+        assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
+    }
+    assert_eq!(store.anomalies(v, None).await.unwrap().len(), 3);
+    assert_eq!(
+        store.consumer_offsets(GROUP).await.unwrap(),
+        vec![offset(0, 6)]
+    );
+}
+
+/// The projector's retention removes anomalies older than it by device time, in every
+/// version, and keeps the recent ones (which stay unique by event id).
+pub async fn anomalies_retention_keeps_recent_ones<H: Harness>(h: &H) {
+    let store = h.open().await;
+    let now = DateTime::from_timestamp_micros(Utc::now().timestamp_micros()).unwrap();
+    let day = TimeDelta::days(1);
+    let retention = std::time::Duration::from_secs(7 * 24 * 3600);
+    let old = anomaly_at("dev-1", now - day * 8, 0.9);
+    let ancient = anomaly_at("dev-2", now - day * 400, 0.9);
+    let edge = anomaly_at("dev-1", now - day * 7 + TimeDelta::seconds(60), 0.9);
+    let recent = anomaly_at("dev-1", now - TimeDelta::hours(1), 0.9);
+    for v in [1, 2] {
+        let out = store
+            .project(&anomalies(v, &[&old, &ancient, &edge, &recent]))
+            .await
+            .unwrap();
+        assert_eq!(out.anomalies, 4);
+    }
+
+    let report = store.maintain_readings(now, retention).await.unwrap();
+    assert_eq!(report.anomalies_deleted, 4, "two per version: {report:?}");
+    for v in [1, 2] {
+        assert_eq!(
+            store.anomalies(v, None).await.unwrap(),
+            vec![edge.clone(), recent.clone()],
+            "version {v}"
+        );
+    }
+    let out = store
+        .project(&anomalies(1, &[&edge, &recent]))
+        .await
+        .unwrap();
+    assert_eq!(out.anomalies, 0);
+    assert_eq!(
+        store
+            .maintain_readings(now, retention)
+            .await
+            .unwrap()
+            .anomalies_deleted,
+        0
+    );
+    assert_eq!(h.scalar("SELECT count(*) FROM anomalies").await, 4);
+}
+
+/// `Store::select` reads the anomalies table on both backends: UUIDs and the feature map as
+/// text, times as microseconds, NULL sites, filters on text, time and UUID columns.
+pub async fn select_reads_anomalies<H: Harness>(h: &H) {
+    let store = h.open().await;
+    let before = Utc::now() - TimeDelta::seconds(5);
+    let a = anomaly_at("pump-1", at(0) + TimeDelta::microseconds(123), 0.875);
+    let mut b = anomaly_at("pump-1", at(120), 1.5);
+    b.site = None;
+    let c = anomaly_at("fan-2", at(60), 0.9);
+    store.project(&anomalies(1, &[&a, &b, &c])).await.unwrap();
+    store.project(&anomalies(2, &[&a])).await.unwrap();
+    let after = Utc::now() + TimeDelta::seconds(5);
+
+    let columns: Vec<(String, ColumnType)> = [
+        ("version", ColumnType::Int),
+        ("event_id", ColumnType::Uuid),
+        ("input_event_id", ColumnType::Uuid),
+        ("device_id", ColumnType::Text),
+        ("at", ColumnType::Timestamp),
+        ("score", ColumnType::Float),
+        ("threshold", ColumnType::Float),
+        ("model_name", ColumnType::Text),
+        ("model_version", ColumnType::Text),
+        ("features", ColumnType::Json),
+        ("site", ColumnType::Text),
+        ("projected_at", ColumnType::Timestamp),
+    ]
+    .into_iter()
+    .map(|(c, t)| (c.to_owned(), t))
+    .collect();
+    let select = |filters: Vec<Filter>| Select {
+        table: "anomalies".into(),
+        columns: columns.clone(),
+        filters,
+        limit: None,
+    };
+    let eq = |column: &str, value: Value| Filter {
+        column: column.into(),
+        op: Op::Eq,
+        value,
+    };
+
+    let got = store
+        .select(&select(vec![
+            eq("version", Value::Int(1)),
+            eq("device_id", Value::Text("pump-1".into())),
+            Filter {
+                column: "at".into(),
+                op: Op::GtEq,
+                value: Value::Timestamp(at(60)),
+            },
+        ]))
+        .await
+        .unwrap();
+    let one = |c: &Column| c.len();
+    assert!(got.iter().all(|c| one(c) == 1), "only b: {got:?}");
+    assert_eq!(got[0], Column::Int(vec![Some(1)]));
+    assert_eq!(got[1], Column::Text(vec![Some(b.event_id.to_string())]));
+    assert_eq!(
+        got[2],
+        Column::Text(vec![Some(b.input_event_id.to_string())])
+    );
+    assert_eq!(got[3], Column::Text(vec![Some("pump-1".into())]));
+    assert_eq!(
+        got[4],
+        Column::Timestamp(vec![Some(b.at.timestamp_micros())])
+    );
+    assert_eq!(got[5], Column::Float(vec![Some(1.5)]));
+    assert_eq!(got[6], Column::Float(vec![Some(0.7)]));
+    assert_eq!(got[7], Column::Text(vec![Some("anomaly-iforest".into())]));
+    assert_eq!(got[8], Column::Text(vec![Some("3".into())]));
+    let Column::Text(features) = &got[9] else {
+        panic!("features as text: {got:?}");
+    };
+    let features: BTreeMap<String, f64> =
+        serde_json::from_str(features[0].as_deref().unwrap()).unwrap();
+    assert_eq!(features, b.features);
+    assert_eq!(got[10], Column::Text(vec![None]), "no site is NULL");
+    let Column::Timestamp(projected) = &got[11] else {
+        panic!("projected_at as a time: {got:?}");
+    };
+    let projected = projected[0].unwrap();
+    assert!(
+        (before.timestamp_micros()..=after.timestamp_micros()).contains(&projected),
+        "projected_at is when it was stored: {projected}"
+    );
+
+    // By event id (a UUID column compared as text), in every version.
+    let got = store
+        .select(&select(vec![eq(
+            "event_id",
+            Value::Text(a.event_id.to_string()),
+        )]))
+        .await
+        .unwrap();
+    let Column::Int(versions) = &got[0] else {
+        panic!("{got:?}");
+    };
+    let mut versions = versions.clone();
+    versions.sort();
+    assert_eq!(versions, vec![Some(1), Some(2)]);
+    assert_eq!(
+        got[4],
+        Column::Timestamp(vec![Some(a.at.timestamp_micros()); 2]),
+        "microseconds kept"
+    );
+
+    let all = store.select(&select(vec![])).await.unwrap();
+    assert_eq!(all[0].len(), 4);
 }
