@@ -1,11 +1,13 @@
 //! The projector: reads the events topics (Avro in the wire format) and keeps the read models
-//! in the store: each device's latest reading and status, the readings time series, and
-//! per-device 1-minute and 1-hour rollups, maintained incrementally.
+//! in the store: each device's latest reading and status, the readings time series,
+//! per-device 1-minute and 1-hour rollups, maintained incrementally, and the anomalies the
+//! inferencer found (`inference.result` labelled `anomaly`; normal scores are only counted).
 //!
 //! Effectively once, like the ingest-validator: a batch's projections and its input offsets
 //! are written in one store transaction, the store's offsets are the truth (messages below
 //! them are skipped after a (re)assignment), and the log's offsets are committed afterwards.
-//! Readings are unique by event id, so a redelivered reading never counts twice in a rollup.
+//! Readings and anomalies are unique by event id, so a redelivered reading never counts twice
+//! in a rollup and a redelivered anomaly is stored once.
 //! Undecodable messages go to the DLQ table with their bytes. This crate must never count a
 //! reading twice, acknowledge input it has not projected or dead-lettered, or dead-letter an
 //! outage.
@@ -75,7 +77,7 @@ pub struct Settings {
     pub max_wait: Duration,
     /// Longest wait between retries during an outage.
     pub max_backoff: Duration,
-    /// How often the readings' retention (`config.retention`) is applied and their time
+    /// How often the retention (`config.retention`) of readings and anomalies is applied and
     /// partitions made ahead; also once at the start.
     pub maintain_every: Duration,
     /// Stop right after the next projection write, before the log commit (crash tests).
@@ -115,6 +117,11 @@ pub struct Stats {
     pub late: AtomicU64,
     /// Status changes projected.
     pub statuses: AtomicU64,
+    /// Anomalies (inference results labelled `anomaly`) newly stored; redelivered ones are
+    /// not counted.
+    pub anomalies: AtomicU64,
+    /// Inference results labelled `normal`: seen and counted, not stored.
+    pub normal_scores: AtomicU64,
     /// Events of other types, passed over.
     pub ignored: AtomicU64,
     /// Messages dead-lettered.
@@ -273,6 +280,10 @@ impl<S: SchemaSource> Worker<'_, S> {
             match outcome {
                 Ok(Projected::Reading(r)) => projection.readings.push(*r),
                 Ok(Projected::Status(s)) => projection.statuses.push(s),
+                Ok(Projected::Anomaly(a)) => projection.anomalies.push(*a),
+                Ok(Projected::NormalScore) => {
+                    self.stats.normal_scores.fetch_add(1, Ordering::Relaxed);
+                }
                 Ok(Projected::Other) => {
                     self.stats.ignored.fetch_add(1, Ordering::Relaxed);
                 }
@@ -309,6 +320,7 @@ impl<S: SchemaSource> Worker<'_, S> {
                 let into = &mut lanes[i % writers];
                 into.readings.extend(projection.readings);
                 into.statuses.extend(projection.statuses);
+                into.anomalies.extend(projection.anomalies);
                 into.offsets.extend(projection.offsets);
             }
         }
@@ -351,6 +363,9 @@ impl<S: SchemaSource> Worker<'_, S> {
             stats
                 .statuses
                 .fetch_add(outcome.statuses, Ordering::Relaxed);
+            stats
+                .anomalies
+                .fetch_add(outcome.anomalies, Ordering::Relaxed);
             for o in &lane.offsets {
                 self.floors
                     .insert(TopicPartition::new(&o.topic, o.partition), o.next_offset);
@@ -377,8 +392,9 @@ impl<S: SchemaSource> Worker<'_, S> {
         Ok(true)
     }
 
-    /// Applies the readings' retention and makes their time partitions ahead. A failure is
-    /// logged, not fatal: projecting works without it, and the next round tries again.
+    /// Applies the retention of readings and anomalies and makes the readings' time partitions
+    /// ahead. A failure is logged, not fatal: projecting works without it, and the next round
+    /// tries again.
     async fn maintain(&self) {
         let retention = self.settings.config.retention;
         match self.store.maintain_readings(Utc::now(), retention).await {
@@ -387,7 +403,8 @@ impl<S: SchemaSource> Worker<'_, S> {
                 partitions_created = report.partitions_created.len(),
                 partitions_dropped = report.partitions_dropped.len(),
                 readings_deleted = report.readings_deleted,
-                "readings maintained"
+                anomalies_deleted = report.anomalies_deleted,
+                "readings and anomalies maintained"
             ),
             Err(e) => {
                 tracing::warn!(projector = %self.settings.name, error = %e, "readings maintenance failed; retrying next round");

@@ -4,7 +4,8 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 use sluice_core::{Event, EventType};
-use sluice_store::{Reading, StatusChange};
+use sluice_store::{Anomaly, Reading, StatusChange};
+use uuid::Uuid;
 
 /// What one event contributes.
 #[derive(Debug, Clone, PartialEq)]
@@ -13,6 +14,11 @@ pub enum Projected {
     Reading(Box<Reading>),
     /// A status change: the device's latest status.
     Status(StatusChange),
+    /// An inference result labelled `anomaly`: a row of the `anomalies` table.
+    Anomaly(Box<Anomaly>),
+    /// An inference result labelled `normal`: counted, not stored (every reading is scored;
+    /// keeping the normal scores would double the readings).
+    NormalScore,
     /// An event type the projector keeps no model of (yet).
     Other,
 }
@@ -73,6 +79,61 @@ pub fn project(event: &Event) -> Result<Projected, String> {
                     .map(str::to_owned),
             }))
         }
+        EventType::INFERENCE_RESULT => {
+            let text = |field: &str| -> Result<&str, String> {
+                payload
+                    .get(field)
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| format!("an inference.result payload needs {field} as text"))
+            };
+            let required = |field: &str| -> Result<f64, String> {
+                number(field)?.ok_or_else(|| format!("an inference.result payload needs a {field}"))
+            };
+            // Everything is checked whatever the label: a malformed result is poison even
+            // when it would not be stored.
+            let input = text("input_event_id")?;
+            let input_event_id = Uuid::parse_str(input)
+                .map_err(|e| format!("input_event_id is not a UUID: {input:?}: {e}"))?;
+            let model_name = text("model_name")?;
+            let model_version = text("model_version")?;
+            let score = required("score")?;
+            let threshold = required("threshold")?;
+            let features = match payload.get("features") {
+                Some(Value::Object(m)) => m
+                    .iter()
+                    .map(|(k, v)| {
+                        v.as_f64()
+                            .filter(|x| x.is_finite())
+                            .map(|x| (k.clone(), x))
+                            .ok_or_else(|| format!("feature {k} is not a finite number: {v}"))
+                    })
+                    .collect::<Result<BTreeMap<String, f64>, String>>()?,
+                _ => return Err("an inference.result payload needs features as an object".into()),
+            };
+            let site = match payload.get("site") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(s)) => Some(s.clone()),
+                Some(v) => return Err(format!("site is not text: {v}")),
+            };
+            match text("label")? {
+                "normal" => Ok(Projected::NormalScore),
+                "anomaly" => Ok(Projected::Anomaly(Box::new(Anomaly {
+                    event_id: event.event_id,
+                    input_event_id,
+                    device_id: event.aggregate_id.clone(),
+                    at: event.occurred_at,
+                    score,
+                    threshold,
+                    model_name: model_name.to_owned(),
+                    model_version: model_version.to_owned(),
+                    features,
+                    site,
+                }))),
+                other => Err(format!(
+                    "label is neither \"normal\" nor \"anomaly\": {other:?}"
+                )),
+            }
+        }
         _ => Ok(Projected::Other),
     }
 }
@@ -127,9 +188,85 @@ mod tests {
         assert!(project(&bad).unwrap_err().contains("state"));
     }
 
+    fn inference(label: &str) -> Value {
+        json!({
+            "input_event_id": "0b9f3c52-2a4e-4f0e-9c1d-6f7a8b9c0d1e",
+            "model_name": "anomaly-iforest",
+            "model_version": "3",
+            "score": 0.93,
+            "label": label,
+            "threshold": 0.7,
+            "features": {"temperature_c": 81.5, "vibration_mm_s": 4.0},
+            "site": "plant-3",
+        })
+    }
+
+    #[test]
+    fn an_anomaly_keeps_its_model_score_and_features() {
+        let e = event("inference.result", inference("anomaly"));
+        let Projected::Anomaly(a) = project(&e).unwrap() else {
+            panic!("not an anomaly");
+        };
+        assert_eq!(a.event_id, e.event_id);
+        assert_eq!(
+            a.input_event_id.to_string(),
+            "0b9f3c52-2a4e-4f0e-9c1d-6f7a8b9c0d1e"
+        );
+        assert_eq!((a.device_id.as_str(), a.at), ("dev-1", e.occurred_at));
+        assert_eq!((a.score, a.threshold), (0.93, 0.7));
+        assert_eq!(
+            (a.model_name.as_str(), a.model_version.as_str()),
+            ("anomaly-iforest", "3")
+        );
+        assert_eq!(a.features["temperature_c"], 81.5);
+        assert_eq!(a.site.as_deref(), Some("plant-3"));
+
+        let mut no_site = inference("anomaly");
+        no_site["site"] = Value::Null;
+        let Projected::Anomaly(a) = project(&event("inference.result", no_site)).unwrap() else {
+            panic!("not an anomaly");
+        };
+        assert_eq!(a.site, None);
+    }
+
+    #[test]
+    fn a_normal_score_is_counted_not_stored() {
+        let e = event("inference.result", inference("normal"));
+        assert_eq!(project(&e).unwrap(), Projected::NormalScore);
+    }
+
+    #[test]
+    fn a_malformed_inference_is_refused_whatever_its_label() {
+        let cases: [(&str, Value, &str); 8] = [
+            ("input_event_id", json!("not-a-uuid"), "UUID"),
+            ("input_event_id", Value::Null, "input_event_id"),
+            ("model_name", json!(3), "model_name"),
+            ("score", json!("high"), "score"),
+            ("threshold", Value::Null, "threshold"),
+            ("features", json!({"t": "hot"}), "feature t"),
+            ("site", json!(7), "site"),
+            ("label", json!("weird"), "label"),
+        ];
+        for (field, value, says) in cases {
+            for label in ["normal", "anomaly"] {
+                let mut p = inference(label);
+                p[field] = value.clone();
+                let err = project(&event("inference.result", p)).unwrap_err();
+                assert!(err.contains(says), "{field} = {value}: {err}");
+            }
+        }
+        let mut p = inference("anomaly");
+        p.as_object_mut().unwrap().remove("features");
+        assert!(
+            project(&event("inference.result", p))
+                .unwrap_err()
+                .contains("features")
+        );
+    }
+
     #[test]
     fn other_types_are_passed_over() {
-        let e = event("inference.result", json!({"score": 0.1}));
+        let e = event("action.result", json!({"status": "delivered"}));
         assert_eq!(project(&e).unwrap(), Projected::Other);
     }
 }

@@ -1,6 +1,7 @@
 //! The projector on the embedded log, against both store backends: rollups equal a
 //! from-scratch GROUP BY after duplicates, out-of-order and late readings; a crash between the
-//! projection write and the log commit counts nothing twice; poison is dead-lettered.
+//! projection write and the log commit counts nothing twice; poison is dead-lettered;
+//! inference results labelled anomaly are stored once, normal ones only counted.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,12 +14,13 @@ use sluice_log::{EmbeddedLog, EmbeddedOptions, Log, Producer, Record, TopicSpec}
 use sluice_projector::{Error, Settings, Stats};
 use sluice_schemas::{EventCodec, Registry, SchemaDir};
 use sluice_store::testing::{on_each_backend, until};
-use sluice_store::{DlqFilter, Resolution, Store, StoreOptions};
+use sluice_store::{Anomaly, DlqFilter, Resolution, Store, StoreOptions};
 use tokio_util::sync::CancellationToken;
 
 const DEADLINE: Duration = Duration::from_secs(60);
 const READINGS: &str = "events.sensor-reading";
 const STATUS: &str = "events.device-status";
+const INFERENCES: &str = "inferences";
 
 struct Rig {
     _dir: tempfile::TempDir,
@@ -30,7 +32,7 @@ struct Rig {
 async fn rig_on(url: &str) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let log = EmbeddedLog::open(&dir.path().join("log"), EmbeddedOptions::default()).unwrap();
-    for topic in [READINGS, STATUS] {
+    for topic in [READINGS, STATUS, INFERENCES] {
         log.create_topic(&TopicSpec::new(topic, 3)).await.unwrap();
     }
     let store = Store::connect(url, StoreOptions::default()).await.unwrap();
@@ -304,6 +306,227 @@ async fn status_changes_keep_the_newest_and_poison_is_dead_lettered() {
         assert_eq!(letters.len(), 1);
         assert_eq!(letters[0].raw, b"not avro");
         assert_eq!(letters[0].error_class, "undecodable");
+    })
+    .await;
+}
+
+/// The inference result of `reading` as the inferencer emits it: its id derived from the
+/// reading and the model, the reading's device and device time.
+fn inference(reading: &Event, score: f64, site: Option<&str>) -> Event {
+    let threshold = 0.7;
+    let label = if score >= threshold {
+        "anomaly"
+    } else {
+        "normal"
+    };
+    reading.derive(
+        "inferencer/anomaly-iforest@3",
+        EventType::new(EventType::INFERENCE_RESULT).unwrap(),
+        json!({
+            "input_event_id": reading.event_id.to_string(),
+            "model_name": "anomaly-iforest",
+            "model_version": "3",
+            "score": score,
+            "label": label,
+            "threshold": threshold,
+            "features": {
+                "temperature_c": reading.payload["temperature_c"],
+                "vibration_mm_s": reading.payload["vibration_mm_s"],
+            },
+            "site": site,
+        }),
+        Source::Processor("inferencer".into()),
+        Utc::now(),
+    )
+}
+
+/// The anomaly row an anomalous result must become.
+fn expected(result: &Event) -> Anomaly {
+    let p = &result.payload;
+    Anomaly {
+        event_id: result.event_id,
+        input_event_id: p["input_event_id"].as_str().unwrap().parse().unwrap(),
+        device_id: result.aggregate_id.clone(),
+        at: result.occurred_at,
+        score: p["score"].as_f64().unwrap(),
+        threshold: p["threshold"].as_f64().unwrap(),
+        model_name: "anomaly-iforest".into(),
+        model_version: "3".into(),
+        features: serde_json::from_value(p["features"].clone()).unwrap(),
+        site: p["site"].as_str().map(str::to_owned),
+    }
+}
+
+impl Rig {
+    /// `event` encoded with a schema of its own: `inference.result` with `input_event_id` a
+    /// plain string, registered under another subject. It decodes, but its payload is not one
+    /// the projector can store.
+    async fn encode_loosely(&self, event: &Event) -> Vec<u8> {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../schemas/inference.result/1.avsc"
+        );
+        let mut schema: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let fields = schema["fields"].as_array_mut().unwrap();
+        let payload = fields.iter_mut().find(|f| f["name"] == "payload").unwrap();
+        for f in payload["type"]["fields"].as_array_mut().unwrap() {
+            if f["name"] == "input_event_id" {
+                f["type"] = json!("string");
+            }
+        }
+        let registered = self
+            .codec
+            .source()
+            .register("test.loose-inference", &schema.to_string())
+            .unwrap();
+        let schema = self.codec.schema_by_id(registered.id).await.unwrap();
+        let body = sluice_schemas::encode_body(event, &schema).unwrap();
+        sluice_schemas::wire::frame(registered.id, &body)
+    }
+
+    async fn send_raw(&self, topic: &str, key: &str, value: Vec<u8>) {
+        self.log
+            .producer()
+            .unwrap()
+            .send(
+                topic,
+                vec![Record {
+                    key: Some(key.as_bytes().to_vec()),
+                    value,
+                    ..Record::default()
+                }],
+            )
+            .await
+            .unwrap();
+    }
+
+    /// Waits until the store's offsets of `topic` cover `messages` messages: all of them
+    /// projected, counted or dead-lettered.
+    async fn wait_for_offsets(&self, group: &str, topic: &str, messages: i64) {
+        let store = self.store.clone();
+        until(
+            &format!("{messages} messages of {topic} taken in"),
+            DEADLINE,
+            async || {
+                let offsets = store.consumer_offsets(group).await.unwrap();
+                offsets
+                    .iter()
+                    .filter(|o| o.topic == topic)
+                    .map(|o| o.next_offset)
+                    .sum::<i64>()
+                    >= messages
+            },
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anomalies_are_stored_once_and_normal_scores_are_counted_not_stored() {
+    on_each_backend(async |url| {
+        let rig = rig_on(&url).await;
+        let start = Utc::now() - TimeDelta::hours(1);
+        let readings: Vec<Event> = (0..40)
+            .map(|i| {
+                let at = start + TimeDelta::seconds(i * 13) + TimeDelta::microseconds(i);
+                reading(&format!("dev-{}", i % 4), at, 20.0 + i as f64)
+            })
+            .collect();
+        // Every fifth reading is anomalous; sites known for some devices only.
+        let results: Vec<Event> = readings
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let score = if i % 5 == 0 {
+                    0.9 + i as f64 / 1000.0
+                } else {
+                    0.2
+                };
+                inference(r, score, (i % 2 == 0).then_some("plant-3"))
+            })
+            .collect();
+        let (anomalous, normal): (Vec<&Event>, Vec<&Event>) = results
+            .iter()
+            .partition(|e| e.payload["label"] == "anomaly");
+        assert_eq!((anomalous.len(), normal.len()), (8, 32));
+
+        let mut settings = Settings::new("projector", &[READINGS, STATUS, INFERENCES]);
+        settings.max_backoff = Duration::from_millis(200);
+        let stats = Arc::new(Stats::default());
+        let (token, task) = rig.start(settings, stats.clone());
+        rig.publish(READINGS, &readings).await;
+        rig.publish(INFERENCES, &results).await;
+        // The inferencer redelivering (a retry, a restart): the first half again.
+        rig.publish(INFERENCES, &results[..20]).await;
+        // Poison on the inferences topic: bytes that are not Avro, and a result whose
+        // input_event_id is not a UUID.
+        rig.send_raw(INFERENCES, "dev-0", b"not avro".to_vec())
+            .await;
+        let mut bad = inference(&readings[0], 0.99, None);
+        bad.event_id = uuid::Uuid::new_v4();
+        bad.payload["input_event_id"] = json!("not-a-uuid");
+        let loose = rig.encode_loosely(&bad).await;
+        rig.send_raw(INFERENCES, "dev-0", loose).await;
+        rig.wait_for_offsets("projector", INFERENCES, 40 + 20 + 2)
+            .await;
+        rig.wait_for_readings(40).await;
+        token.cancel();
+        task.await.unwrap().unwrap();
+
+        let mut want: Vec<Anomaly> = anomalous.iter().map(|e| expected(e)).collect();
+        want.sort_by(|a, b| {
+            (&a.device_id, a.at, a.event_id).cmp(&(&b.device_id, b.at, b.event_id))
+        });
+        let stored = rig.store.anomalies(1, None).await.unwrap();
+        assert_eq!(stored, want, "each anomaly once, as the inferencer sent it");
+        assert!(
+            stored
+                .iter()
+                .all(|a| normal.iter().all(|n| n.event_id != a.event_id)),
+            "no normal result stored"
+        );
+        assert_eq!(
+            rig.store.anomalies(1, Some("dev-0")).await.unwrap().len(),
+            anomalous
+                .iter()
+                .filter(|e| e.aggregate_id == "dev-0")
+                .count()
+        );
+        let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(
+            count(&stats.anomalies),
+            8,
+            "redelivered anomalies not counted again"
+        );
+        // 32 normal results, and the 16 of the first half of the stream sent again.
+        let normal_again = results[..20]
+            .iter()
+            .filter(|e| e.payload["label"] == "normal")
+            .count() as u64;
+        assert_eq!(count(&stats.normal_scores), 32 + normal_again);
+        assert_eq!(count(&stats.ignored), 0);
+        assert_eq!(count(&stats.rejected), 2);
+
+        let letters = rig.store.dlq_list(&DlqFilter::default()).await.unwrap();
+        let mut classes: Vec<(&str, &str)> = letters
+            .iter()
+            .map(|l| (l.topic.as_str(), l.error_class.as_str()))
+            .collect();
+        classes.sort();
+        assert_eq!(
+            classes,
+            vec![(INFERENCES, "invalid_payload"), (INFERENCES, "undecodable")]
+        );
+        let invalid = letters
+            .iter()
+            .find(|l| l.error_class == "invalid_payload")
+            .unwrap();
+        assert!(
+            invalid.error_message.contains("input_event_id"),
+            "{}",
+            invalid.error_message
+        );
     })
     .await;
 }
