@@ -332,8 +332,58 @@ pub enum BenchCommand {
     /// version of its own through the projector's writes (rollups and latest state included),
     /// loads the hot tables from it, and drops that version at the end.
     Query(BenchQueryArgs),
+    /// Score simulated readings with the ONNX model on one thread: rows/s at batch sizes 1,
+    /// 64 and 1024, and the latency micro-batching adds per reading at a steady rate.
+    ///
+    /// The baseline, in the same run, is the statistical fallback on the same readings. Needs
+    /// ONNX Runtime (scripts/fetch-onnxruntime) and the model (models/).
+    Inference(BenchInferenceArgs),
+    /// Compare the simulator's ground truth (`sluice simulate --truth FILE`) with the
+    /// anomalies projection: precision and recall per model.
+    ///
+    /// A flagged reading is one in the anomalies table, device time within the truth file's
+    /// span (a minute either side); a hit is one the truth file lists.
+    Detection(BenchDetectionArgs),
     /// The whole default topology on pre-generated input.
     Pipeline(PendingArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchInferenceArgs {
+    /// The model's folder (its highest version is used).
+    #[arg(long, default_value = "models/reading-iforest")]
+    pub model: PathBuf,
+    /// Simulated readings to score.
+    #[arg(long, default_value_t = 200_000)]
+    pub rows: usize,
+    /// Readings per second offered in the latency run.
+    #[arg(long, default_value_t = 10_000)]
+    pub rate: u64,
+    /// Seconds of the latency run.
+    #[arg(long, default_value_t = 5.0)]
+    pub seconds: f64,
+    /// Most readings per model call in the latency run (the inferencer's `max_batch`).
+    #[arg(long, default_value_t = 64)]
+    pub max_batch: usize,
+    /// Print the figures as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchDetectionArgs {
+    /// The ground-truth file `sluice simulate --truth` wrote (JSON lines).
+    #[arg(long)]
+    pub truth: PathBuf,
+    /// The store the projector writes: postgres://USER@HOST:PORT/DB or sqlite://PATH.
+    #[arg(long, env = "SLUICE__STORE")]
+    pub store: String,
+    /// The projection version to read.
+    #[arg(long, default_value_t = 1)]
+    pub version: i32,
+    /// Print the figures as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

@@ -39,6 +39,12 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Bench(BenchCommand::Ingest(args)) => crate::bench_ingest::bench_ingest(&args),
         Command::Bench(BenchCommand::Project(args)) => crate::bench_project::bench_project(&args),
         Command::Bench(BenchCommand::Query(args)) => crate::bench_query::bench_query(&args),
+        Command::Bench(BenchCommand::Inference(args)) => {
+            crate::bench_inference::bench_inference(&args)
+        }
+        Command::Bench(BenchCommand::Detection(args)) => {
+            crate::bench_detection::bench_detection(&args)
+        }
         Command::Bench(BenchCommand::Pipeline(_)) => {
             not_available("bench pipeline", "issue 11 (the benchmark suite)")
         }

@@ -107,6 +107,7 @@ struct Counters {
     query: Arc<sluice_query::follow::FollowStats>,
     /// Whether a projector runs (the drain waits for it only then).
     projecting: bool,
+    inferencer: Option<Arc<sluice_inferencer::Stats>>,
     simulator: Arc<sluice_simulator::Counters>,
 }
 
@@ -244,6 +245,7 @@ impl Dev {
         let mut edge_tasks = Tasks::new(&ended_tx);
         let mut core_tasks = Tasks::new(&ended_tx);
         let mut not_built = Vec::new();
+        let mut models = Vec::new();
         let mut http_listener = self.http.take();
         let registry_listener = self.registry.take().expect("taken once");
         let http_addr = http_listener.as_ref().expect("taken once").local_addr()?;
@@ -393,6 +395,54 @@ impl Dev {
                         });
                     }
                 }
+                KindConfig::Inferencer(_) => {
+                    let settings = crate::run::inferencer_settings(p);
+                    let config = crate::run::inferencer_runtime(p, &settings);
+                    let inferencer = Arc::new(
+                        sluice_inferencer::Inferencer::start(settings, Some(self.store.clone()))
+                            .await,
+                    );
+                    for input in &p.inputs {
+                        let Some(subject) = self
+                            .topology
+                            .topic(input)
+                            .and_then(|t| t.subject.as_deref())
+                        else {
+                            continue;
+                        };
+                        models.push(match inferencer.model_of(subject) {
+                            Some((model, version)) => {
+                                format!("{subject}: {model} version {version}")
+                            }
+                            None => format!(
+                                "{subject}: {} fallback (the log says why no model)",
+                                sluice_inferencer::FALLBACK_MODEL
+                            ),
+                        });
+                    }
+                    counters.inferencer = Some(inferencer.stats());
+                    let (log, store, codec, token) = (
+                        self.log.clone(),
+                        self.store.clone(),
+                        codec.clone(),
+                        core.clone(),
+                    );
+                    core_tasks.spawn(name, async move {
+                        let watch = tokio::spawn(inferencer.clone().watch(token.clone()));
+                        let result = sluice_runtime::run(
+                            &*inferencer,
+                            &config,
+                            &log,
+                            &*codec,
+                            &store,
+                            &sluice_runtime::NoMetrics,
+                            token,
+                        )
+                        .await;
+                        watch.abort();
+                        result.map_err(Into::into)
+                    });
+                }
                 _ => not_built.push(p.name.clone()),
             }
         }
@@ -403,7 +453,14 @@ impl Dev {
             .collect();
         // Shown only when a projector runs, since the endpoint serves what it writes.
         let sql_addrs = sql_addrs.filter(|_| sql_listener.is_none());
-        self.banner(http_addr, registry_addr, sql_addrs, &running, &not_built);
+        self.banner(
+            http_addr,
+            registry_addr,
+            sql_addrs,
+            &running,
+            &not_built,
+            &models,
+        );
 
         let counters = Arc::new(counters);
         if let Some((devices, rate)) = self.simulate {
@@ -500,6 +557,7 @@ impl Dev {
         sql: Option<(SocketAddr, SocketAddr)>,
         running: &[&str],
         not_built: &[String],
+        models: &[String],
     ) {
         let dir = self.data_dir.display();
         let mqtt = self.broker.addr();
@@ -522,6 +580,9 @@ impl Dev {
         println!("  api-key   {} (role device)", self.key_file.display());
         println!("  sql-key   {} (role viewer)", self.sql_key_file.display());
         println!("  running   {}", running.join(", "));
+        for line in models {
+            println!("  model     {line}");
+        }
         if !not_built.is_empty() {
             println!("  later     {} (not built yet)", not_built.join(", "));
         }
@@ -662,6 +723,14 @@ fn spawn_progress(counters: Arc<Counters>, store: Store) -> JoinHandle<()> {
                 dead_lettered = counters.validator.rejected.load(Ordering::Relaxed),
                 published = counters.relay.published.load(Ordering::Relaxed),
                 projected = counters.projector.readings.load(Ordering::Relaxed),
+                scored = counters.inferencer.as_ref().map_or(0, |s| {
+                    s.model_scored.load(Ordering::Relaxed)
+                        + s.fallback_scored.load(Ordering::Relaxed)
+                }),
+                anomalies = counters
+                    .inferencer
+                    .as_ref()
+                    .map_or(0, |s| s.anomalies.load(Ordering::Relaxed)),
                 simulated = counters.simulator.sent.load(Ordering::Relaxed),
                 outbox,
                 "progress"

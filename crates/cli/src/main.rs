@@ -7,6 +7,8 @@
 //! Exit codes: 0 success, 1 failure (with a one-line reason, or the list of problems found),
 //! 2 usage errors and commands not available in this build.
 
+mod bench_detection;
+mod bench_inference;
 mod bench_ingest;
 mod bench_project;
 mod bench_query;

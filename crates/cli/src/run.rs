@@ -49,8 +49,9 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
         | Kind::OutboxRelay
         | Kind::MqttBridge
         | Kind::HttpIngest
-        | Kind::Projector => {}
-        Kind::Inferencer | Kind::ActionRouter | Kind::Executor => {
+        | Kind::Projector
+        | Kind::Inferencer => {}
+        Kind::ActionRouter | Kind::Executor => {
             return not_available(
                 &format!("run {} (kind {})", processor.name, processor.kind),
                 "a later issue (projections, inference and actions)",
@@ -146,6 +147,12 @@ impl Wiring<'_> {
             Kind::IngestValidator | Kind::Projector => {
                 p.inputs.iter().map(String::as_str).collect()
             }
+            Kind::Inferencer => p
+                .inputs
+                .iter()
+                .chain(p.outputs.values())
+                .map(String::as_str)
+                .collect(),
             _ => p.outputs.values().map(String::as_str).collect(),
         };
         ensure_topics(&log, self.topology, &topics, create_topics).await?;
@@ -160,6 +167,9 @@ impl Wiring<'_> {
             (Kind::HttpIngest, Some(store)) => self.http(&log, store, self.schemas()?, token).await,
             (Kind::Projector, Some(store)) => {
                 self.projector(&log, store, self.schemas()?, token).await
+            }
+            (Kind::Inferencer, Some(store)) => {
+                self.inferencer(&log, store, self.schemas()?, token).await
             }
             (_, Some(store)) => self.relay(&log, store, token).await,
             (_, None) => bail!("{} needs a store", p.name),
@@ -410,6 +420,81 @@ impl Wiring<'_> {
         result
     }
 
+    async fn inferencer<L: Log>(
+        &self,
+        log: &L,
+        store: &Store,
+        schemas: AnySchemas,
+        token: CancellationToken,
+    ) -> Result<()> {
+        let p = self.processor;
+        let settings = inferencer_settings(p);
+        let config = inferencer_runtime(p, &settings);
+        let inferencer =
+            Arc::new(sluice_inferencer::Inferencer::start(settings, Some(store.clone())).await);
+        let codec = EventCodec::new(schemas);
+        let stats = inferencer.stats();
+        let models: Vec<String> = p
+            .inputs
+            .iter()
+            .filter_map(|t| self.topology.topic(t).and_then(|t| t.subject.clone()))
+            .map(|subject| match inferencer.model_of(&subject) {
+                Some((name, version)) => format!("{subject}: {name} version {version}"),
+                None => format!("{subject}: {}", sluice_inferencer::FALLBACK_MODEL),
+            })
+            .collect();
+        tracing::info!(
+            processor = %p.name,
+            kind = %p.kind,
+            inputs = ?p.inputs,
+            models = ?models,
+            log = %self.log_url,
+            store = %redact(self.store_url),
+            "started"
+        );
+        let watch = tokio::spawn(inferencer.clone().watch(token.clone()));
+        let progress = {
+            let stats = stats.clone();
+            let name = p.name.clone();
+            let mut previous = 0;
+            every(PROGRESS_EVERY, move || {
+                let model = stats.model_scored.load(Ordering::Relaxed);
+                let fallback = stats.fallback_scored.load(Ordering::Relaxed);
+                tracing::info!(
+                    processor = %name,
+                    scored = model + fallback,
+                    scored_per_s = rate(&mut previous, model + fallback),
+                    by_model = model,
+                    by_fallback = fallback,
+                    anomalies = stats.anomalies.load(Ordering::Relaxed),
+                    rejected = stats.rejected.load(Ordering::Relaxed),
+                    "progress"
+                );
+            })
+        };
+        let result = sluice_runtime::run(
+            &*inferencer,
+            &config,
+            log,
+            &codec,
+            store,
+            &sluice_runtime::NoMetrics,
+            token,
+        )
+        .await
+        .map_err(anyhow::Error::from);
+        progress.abort();
+        watch.abort();
+        tracing::info!(
+            processor = %p.name,
+            scored = stats.model_scored.load(Ordering::Relaxed) + stats.fallback_scored.load(Ordering::Relaxed),
+            anomalies = stats.anomalies.load(Ordering::Relaxed),
+            ok = result.is_ok(),
+            "stopped"
+        );
+        result
+    }
+
     async fn relay<L: Log>(&self, log: &L, store: &Store, token: CancellationToken) -> Result<()> {
         use sluice_outbox_relay::Stats;
         let p = self.processor;
@@ -517,6 +602,28 @@ pub(crate) fn projector_settings(p: &Processor) -> sluice_projector::Settings {
         settings.config = config.clone();
     }
     settings
+}
+
+pub(crate) fn inferencer_settings(p: &Processor) -> sluice_inferencer::Settings {
+    let config = match &p.config {
+        KindConfig::Inferencer(config) => config.clone(),
+        _ => sluice_inferencer::InferencerConfig::default(),
+    };
+    sluice_inferencer::Settings::new(&p.name, config)
+}
+
+/// The processor loop's settings for an inferencer: its inputs and outputs, and the model's
+/// micro-batch (a poll is scored in one call).
+pub(crate) fn inferencer_runtime(
+    p: &Processor,
+    settings: &sluice_inferencer::Settings,
+) -> sluice_runtime::RuntimeConfig {
+    let inputs: Vec<&str> = p.inputs.iter().map(String::as_str).collect();
+    let mut config = sluice_runtime::RuntimeConfig::new(&p.name, &inputs);
+    config.ports = p.outputs.clone();
+    config.max_batch = settings.config.max_batch;
+    config.max_wait = settings.config.max_wait;
+    config
 }
 
 /// The registry given with --registry, else the schemas folder in a registry of its own.

@@ -389,3 +389,45 @@ fn simulate_without_a_reachable_target_exits_1_with_the_reason() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("error:"), "{err}");
 }
+
+#[test]
+fn dev_scores_readings_with_the_shipped_model_and_serves_its_anomalies() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let dev = Dev::start(&data, &[]);
+    let model = &dev.banner["model"];
+    assert!(
+        model.starts_with("sensor.reading: reading-iforest version "),
+        "the shipped model scores, on ONNX Runtime (scripts/fetch-onnxruntime): {model}"
+    );
+    // A device's calm readings, then a spike.
+    let t0 = chrono::Utc::now() - chrono::TimeDelta::minutes(1);
+    let lines: Vec<String> = (0..41)
+        .map(|i| {
+            let temperature = if i == 40 {
+                45.0
+            } else {
+                21.0 + f64::from(i % 3) / 10.0
+            };
+            json!({
+                "event_id": Uuid::new_v4().to_string(),
+                "occurred_at": (t0 + chrono::TimeDelta::seconds(i64::from(i))).to_rfc3339(),
+                "payload": {"seq": i, "temperature_c": temperature},
+            })
+            .to_string()
+        })
+        .collect();
+    publish_lines(dev.mqtt_port(), "devices/dev-9/telemetry", &lines, None);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let query = "SELECT device_id, model_name, model_version FROM anomalies";
+    loop {
+        let found = dev.sql(query);
+        if found.contains("dev-9,reading-iforest,") {
+            assert_eq!(found.lines().count(), 2, "only the spike: {found}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no anomaly served: {found}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    dev.stop();
+}

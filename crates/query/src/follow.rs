@@ -305,7 +305,8 @@ pub async fn follow<L: Log, S: SchemaSource>(
             match event.map_err(|e| e.to_string()).and_then(|e| project(&e)) {
                 Ok(Projected::Reading(r)) => readings.push(*r),
                 Ok(Projected::Status(s)) => statuses.push(s),
-                Ok(Projected::Other) => {}
+                // Anomalies are served from the store, not kept hot.
+                Ok(Projected::Other | Projected::Anomaly(_) | Projected::NormalScore) => {}
                 Err(_) => {
                     stats.unreadable.fetch_add(1, Ordering::Relaxed);
                     continue;

@@ -323,9 +323,24 @@ const LATEST_COLUMNS: [(&str, ColumnType); 8] = [
     ("late_readings", ColumnType::Int),
 ];
 
+const ANOMALY_COLUMNS: [(&str, ColumnType); 11] = [
+    ("event_id", ColumnType::Uuid),
+    ("input_event_id", ColumnType::Uuid),
+    ("device_id", ColumnType::Text),
+    ("at", ColumnType::Timestamp),
+    ("score", ColumnType::Float),
+    ("threshold", ColumnType::Float),
+    ("model_name", ColumnType::Text),
+    ("model_version", ColumnType::Text),
+    ("features", ColumnType::Json),
+    ("site", ColumnType::Text),
+    ("projected_at", ColumnType::Timestamp),
+];
+
 impl Engine {
     /// An engine over `hot` and the store: `public` holds the hot tables (`readings`,
-    /// `readings_1h`, `device_latest`) and the store's `events`, `dlq` and `readings_1m`;
+    /// `readings_1h`, `device_latest`) and the store's `events`, `dlq`, `readings_1m` and
+    /// `anomalies`;
     /// schema `store` holds the store's own read models of `version` (the full `readings`
     /// history, `readings_1h`, `device_latest`).
     pub fn new(
@@ -384,6 +399,8 @@ impl Engine {
         reg("events", cold("events", columns(&EVENTS_COLUMNS), &vec![]))?;
         reg("dlq", cold("dlq", columns(&DLQ_COLUMNS), &vec![]))?;
         reg("readings_1m", cold("readings_1m", rollup_columns(), &live))?;
+        let anomalies = columns(&ANOMALY_COLUMNS);
+        reg("anomalies", cold("anomalies", anomalies.clone(), &live))?;
         let store_schema = Arc::new(MemorySchemaProvider::new());
         ctx.catalog("datafusion")
             .ok_or_else(|| QueryError::Internal("no default catalog".into()))?
@@ -401,6 +418,7 @@ impl Engine {
         )?;
         let latest = columns(&LATEST_COLUMNS);
         reg("store.device_latest", cold("device_latest", latest, &live))?;
+        reg("store.anomalies", cold("anomalies", anomalies, &live))?;
         datafusion_postgres::datafusion_pg_catalog::pg_catalog::setup_pg_catalog(
             &ctx,
             "datafusion",

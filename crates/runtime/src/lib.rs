@@ -37,12 +37,33 @@ pub trait Processor: Send + Sync + 'static {
     /// The processor's kind, for logs and DLQ entries.
     const NAME: &'static str;
 
+    /// Whether the loop hands each poll's events to [`Processor::process_batch`] at once (a
+    /// model scoring many rows in one call). Default: no, each goes to `process`.
+    const BATCHES: bool = false;
+
     /// Turns `event` into zero or more outputs on named ports, or an error with a domain.
     fn process(
         &self,
         event: Event,
         out: &mut Outputs,
     ) -> impl Future<Output = Result<(), ProcessError>> + Send;
+
+    /// Processes a poll's decoded events, in order, returning for each what `process` would
+    /// have. Called only when [`Processor::BATCHES`]; an event whose result is transient is
+    /// retried through `process`, like any other.
+    fn process_batch(
+        &self,
+        events: &[Event],
+    ) -> impl Future<Output = Vec<Result<Outputs, ProcessError>>> + Send {
+        async move {
+            let mut results = Vec::with_capacity(events.len());
+            for event in events {
+                let mut out = Outputs::default();
+                results.push(self.process(event.clone(), &mut out).await.map(|()| out));
+            }
+            results
+        }
+    }
 }
 
 /// Why an event could not be processed.
@@ -167,6 +188,9 @@ pub enum RunError {
     ShutdownTimeout(String),
 }
 
+/// A message's decoded event and, when its batch was processed at once, its first outcome.
+type Processed = (Event, Option<Result<Outputs, ProcessError>>);
+
 /// One message being worked on.
 struct Pending {
     tp: TopicPartition,
@@ -271,12 +295,14 @@ where
             }
             let mut done: Vec<Pending> = Vec::with_capacity(batch.len());
             let mut abandoned: Vec<TopicPartition> = Vec::new();
-            for msg in batch {
+            let mut first = self.process_ahead(&batch).await;
+            for (i, msg) in batch.into_iter().enumerate() {
                 if abandoned.contains(&msg.topic_partition()) {
                     continue;
                 }
                 let started = std::time::Instant::now();
-                match self.handle(consumer, &msg, &mut done).await? {
+                let ahead = first.get_mut(i).and_then(Option::take);
+                match self.handle(consumer, &msg, &mut done, ahead).await? {
                     Step::Done(p) => {
                         self.metrics.processed(&self.config.name, started.elapsed());
                         done.push(p);
@@ -295,45 +321,67 @@ where
         Ok(())
     }
 
+    /// For a batching processor, decodes the poll and processes what decoded in one call:
+    /// each message's event and first outcome, by position. Messages that do not decode get
+    /// `None` and take the usual path (DLQ, or retry when the registry is down).
+    async fn process_ahead(&self, batch: &[Message]) -> Vec<Option<Processed>> {
+        if !P::BATCHES {
+            return Vec::new();
+        }
+        let mut decoded = Vec::with_capacity(batch.len());
+        let mut events = Vec::with_capacity(batch.len());
+        for msg in batch {
+            let event = self.codec.decode(&msg.value).await.ok();
+            decoded.push(event.is_some());
+            events.extend(event);
+        }
+        if events.is_empty() {
+            return Vec::new();
+        }
+        // A processor returning fewer results than events leaves the rest to `process`.
+        let mut results = self.processor.process_batch(&events).await.into_iter();
+        let mut events = events.into_iter();
+        decoded
+            .into_iter()
+            .map(|ok| {
+                if ok {
+                    events.next().map(|e| (e, results.next()))
+                } else {
+                    None
+                }
+            })
+            .collect()
+    }
+
     /// Decodes and processes one message, retrying transient failures. Before a retry wait,
     /// the work done so far in the batch is flushed, so an outage holds back only this message.
+    /// `ahead` is the message's event and first outcome when the batch was processed at once.
     async fn handle<C: Consumer>(
         &mut self,
         consumer: &mut C,
         msg: &Message,
         done: &mut Vec<Pending>,
+        ahead: Option<Processed>,
     ) -> Result<Step, RunError> {
         let tp = msg.topic_partition();
-        let mut attempt = 1u32;
-        let event = loop {
-            match self.codec.decode(&msg.value).await {
-                Ok(e) => break e,
-                // The registry is unreachable: an outage, not bad data.
-                Err(e @ sluice_schemas::Error::Remote(_)) => {
-                    if !self
-                        .retry_later(consumer, msg, done, attempt, &e.to_string())
-                        .await?
-                    {
-                        return Ok(Step::Abandon);
-                    }
-                    attempt += 1;
-                }
-                Err(e) => {
-                    self.metrics.rejected(&self.config.name, "decode");
-                    self.dead_letter(msg, None, "decode", &e.to_string(), 1)
-                        .await?;
-                    return Ok(Step::Done(Pending {
-                        tp,
-                        next: msg.offset + 1,
-                        outputs: Vec::new(),
-                    }));
-                }
-            }
+        let (event, mut first) = match ahead {
+            Some((event, first)) => (event, first),
+            None => match self.decode(consumer, msg, done).await? {
+                Ok(event) => (event, None),
+                Err(step) => return Ok(step),
+            },
         };
         let mut attempt = 1u32;
         loop {
-            let mut out = Outputs::default();
-            let outcome = self.processor.process(event.clone(), &mut out).await;
+            let (out, outcome) = match first.take() {
+                Some(Ok(out)) => (out, Ok(())),
+                Some(Err(e)) => (Outputs::default(), Err(e)),
+                None => {
+                    let mut out = Outputs::default();
+                    let outcome = self.processor.process(event.clone(), &mut out).await;
+                    (out, outcome)
+                }
+            };
             match outcome {
                 Ok(()) => match self.encode(&out).await {
                     Ok(outputs) => {
@@ -397,6 +445,42 @@ where
                 }
             }
             attempt += 1;
+        }
+    }
+
+    /// Decodes `msg`, retrying while the registry is unreachable. `Err` is the message's end:
+    /// dead-lettered (bytes that do not decode), or abandoned.
+    async fn decode<C: Consumer>(
+        &mut self,
+        consumer: &mut C,
+        msg: &Message,
+        done: &mut Vec<Pending>,
+    ) -> Result<Result<Event, Step>, RunError> {
+        let mut attempt = 1u32;
+        loop {
+            match self.codec.decode(&msg.value).await {
+                Ok(e) => return Ok(Ok(e)),
+                // The registry is unreachable: an outage, not bad data.
+                Err(e @ sluice_schemas::Error::Remote(_)) => {
+                    if !self
+                        .retry_later(consumer, msg, done, attempt, &e.to_string())
+                        .await?
+                    {
+                        return Ok(Err(Step::Abandon));
+                    }
+                    attempt += 1;
+                }
+                Err(e) => {
+                    self.metrics.rejected(&self.config.name, "decode");
+                    self.dead_letter(msg, None, "decode", &e.to_string(), 1)
+                        .await?;
+                    return Ok(Err(Step::Done(Pending {
+                        tp: msg.topic_partition(),
+                        next: msg.offset + 1,
+                        outputs: Vec::new(),
+                    })));
+                }
+            }
         }
     }
 

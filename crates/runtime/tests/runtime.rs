@@ -71,6 +71,42 @@ impl Processor for Scorer {
     }
 }
 
+/// Scores a poll's readings in one call, like a model; the first try of device `flaky` fails
+/// transiently inside the batch.
+#[derive(Default)]
+struct BatchScorer {
+    inner: Scorer,
+    batches: std::sync::Mutex<Vec<usize>>,
+}
+
+impl Processor for BatchScorer {
+    const NAME: &'static str = "batch-scorer";
+    const BATCHES: bool = true;
+
+    async fn process(&self, event: Event, out: &mut Outputs) -> Result<(), ProcessError> {
+        self.inner.process(event, out).await
+    }
+
+    async fn process_batch(&self, events: &[Event]) -> Vec<Result<Outputs, ProcessError>> {
+        self.batches.lock().unwrap().push(events.len());
+        let mut results = Vec::new();
+        for event in events {
+            if event.aggregate_id == "flaky" {
+                results.push(Err(ProcessError::Transient("model busy".into())));
+                continue;
+            }
+            let mut out = Outputs::default();
+            results.push(
+                self.inner
+                    .process(event.clone(), &mut out)
+                    .await
+                    .map(|()| out),
+            );
+        }
+        results
+    }
+}
+
 struct Rig<L> {
     _dir: Option<tempfile::TempDir>,
     _cluster: Option<MockCluster>,
@@ -193,9 +229,9 @@ impl<L: Log + Clone + Send + Sync + 'static> Rig<L> {
         events
     }
 
-    fn start(
+    fn start<P: Processor>(
         &self,
-        scorer: Arc<Scorer>,
+        scorer: Arc<P>,
         dlq: Arc<MemoryDlq>,
         metrics: Arc<CountingMetrics>,
     ) -> (
@@ -494,4 +530,51 @@ async fn kafka_joining_member_takes_over_only_drained_partitions() {
     // The mock refuses commits while its group is joining (a real broker takes them until the
     // rebalance completes), so the batch in flight at the join may be processed twice there.
     a_joining_member_takes_over_only_drained_partitions(kafka_rig(4), false).await;
+}
+
+#[tokio::test]
+async fn a_batching_processor_gets_the_poll_at_once_and_retries_one_event_alone() {
+    let rig = rig(1).await;
+    let mut inputs: Vec<Event> = (0..5)
+        .map(|i| reading(&format!("dev-{i}"), 20.0 + i as f64))
+        .collect();
+    inputs.insert(2, reading("flaky", 30.0));
+    rig.produce(&inputs).await;
+    rig.produce_raw("dev-x", b"not the wire format").await;
+    let scorer = Arc::new(BatchScorer::default());
+    let dlq = Arc::new(MemoryDlq::default());
+    let (token, task) = rig.start(
+        scorer.clone(),
+        dlq.clone(),
+        Arc::new(CountingMetrics::default()),
+    );
+
+    let out = rig.outputs(6).await;
+    let causes: Vec<_> = out.iter().map(|e| e.metadata.causation_id).collect();
+    let expected: Vec<_> = inputs.iter().map(|e| Some(e.event_id)).collect();
+    assert_eq!(
+        causes, expected,
+        "each input once, in order, flaky included"
+    );
+    until("the commit of all seven", || rig.committed(0) == Some(7)).await;
+    token.cancel();
+    task.await.unwrap().unwrap();
+
+    let batches = scorer.batches.lock().unwrap().clone();
+    assert_eq!(
+        batches.iter().sum::<usize>(),
+        6,
+        "every decoded input went through a batch once: {batches:?}"
+    );
+    assert!(
+        batches.iter().any(|&n| n > 1),
+        "polls were batched: {batches:?}"
+    );
+    assert!(
+        scorer.inner.attempts.load(Ordering::SeqCst) >= 6,
+        "flaky was retried through process"
+    );
+    let letters = dlq.letters();
+    assert_eq!(letters.len(), 1, "the undecodable message is dead-lettered");
+    assert_eq!(letters[0].error_class, "decode");
 }

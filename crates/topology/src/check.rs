@@ -260,7 +260,7 @@ fn check_processors(m: &Model<'_>, out: &mut Vec<Issue>) {
                 KindConfig::IngestValidator(c) => check_validator(c, &at, out),
                 KindConfig::OutboxRelay(c) => check_relay(c, &at, out),
                 KindConfig::Projector(c) => check_projector(c, &at, out),
-                KindConfig::Inferencer(c) => check_inferencer(c, &at, out),
+                KindConfig::Inferencer(c) => check_inferencer(m, p, c, &at, out),
                 KindConfig::ActionRouter(c) => check_router(m, p, c, &at, out),
                 KindConfig::Executor(c) => check_executor(c, &at, out),
             }
@@ -588,14 +588,51 @@ fn check_projector(c: &ProjectorConfig, at: &str, out: &mut Vec<Issue>) {
     positive(c.retention, format!("{at}.retention"), out);
 }
 
-fn check_inferencer(c: &InferencerConfig, at: &str, out: &mut Vec<Issue>) {
-    if let Some(model) = &c.model
-        && model.trim().is_empty()
-    {
-        out.push(Issue::new(
-            format!("{at}.model"),
-            "must not be empty; leave it out to use the statistical fallback",
-        ));
+fn check_inferencer(
+    m: &Model<'_>,
+    p: &ProcView<'_>,
+    c: &InferencerConfig,
+    at: &str,
+    out: &mut Vec<Issue>,
+) {
+    let input_subjects: Option<BTreeSet<&str>> = if m.topics_complete {
+        p.inputs
+            .iter()
+            .map(|i| m.topic(i).and_then(|t| t.subject.as_deref()))
+            .collect()
+    } else {
+        None
+    };
+    for (event_type, model) in &c.models {
+        let at = format!("{at}.models.{event_type}");
+        if let Some(types) = &input_subjects
+            && !types.contains(event_type.as_str())
+        {
+            out.push(Issue::new(
+                at.clone(),
+                format!(
+                    "no input of this inferencer carries \"{event_type}\" events {}",
+                    known_hint(event_type, types.iter().copied())
+                ),
+            ));
+        }
+        if model.path.trim().is_empty() {
+            out.push(Issue::new(
+                format!("{at}.path"),
+                "must not be empty; leave the model out to use the statistical fallback",
+            ));
+        }
+        if model.version.trim().is_empty() {
+            out.push(Issue::new(
+                format!("{at}.version"),
+                "must be a version folder name or `latest`",
+            ));
+        }
+        if let Some(t) = model.threshold
+            && !t.is_finite()
+        {
+            out.push(Issue::new(format!("{at}.threshold"), "must be a number"));
+        }
     }
     if !(c.fallback_z_threshold.is_finite() && c.fallback_z_threshold > 0.0) {
         out.push(Issue::new(
@@ -604,6 +641,7 @@ fn check_inferencer(c: &InferencerConfig, at: &str, out: &mut Vec<Issue>) {
         ));
     }
     at_least_one(as_u64(c.max_batch), format!("{at}.max_batch"), out);
+    positive(c.reload_interval, format!("{at}.reload_interval"), out);
     if c.window < 2 {
         out.push(Issue::new(
             format!("{at}.window"),

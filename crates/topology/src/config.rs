@@ -318,12 +318,13 @@ impl Default for ProjectorConfig {
 // inferencer
 
 /// `inferencer`: scores readings with an ONNX model, or with a per-device EWMA z-score when no
-/// model is configured.
+/// model is configured or ONNX Runtime cannot be loaded.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct InferencerConfig {
-    /// Path of the ONNX model. Default: none, which uses the statistical fallback.
-    pub model: Option<String>,
+    /// Models by the event type they score, e.g. `sensor.reading`. Default: none, which uses
+    /// the statistical fallback.
+    pub models: BTreeMap<String, ModelConfig>,
     /// Z-score above which the statistical fallback labels a reading an anomaly. Default: `3.0`.
     pub fallback_z_threshold: f64,
     /// Most readings scored in one model call. Default: `64`.
@@ -333,18 +334,46 @@ pub struct InferencerConfig {
     pub max_wait: Duration,
     /// Readings per device in the fallback's rolling window. Default: `30`.
     pub window: usize,
+    /// How often a model folder is checked for a new version. Default: `10s`.
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
 }
 
 impl Default for InferencerConfig {
     fn default() -> Self {
         InferencerConfig {
-            model: None,
+            models: BTreeMap::new(),
             fallback_z_threshold: 3.0,
             max_batch: 64,
             max_wait: Duration::from_millis(5),
             window: 30,
+            reload_interval: Duration::from_secs(10),
         }
     }
+}
+
+/// One ONNX model of the inferencer: a folder of versions, `<path>/<version>/model.onnx` each
+/// with its `metadata.json` (features, threshold, reference outputs).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The model's folder, relative to the working directory or absolute.
+    pub path: String,
+    /// The version to run, or `latest`: the highest version in the folder, and any newer one
+    /// that appears while running. Default: `latest`.
+    #[serde(default = "latest")]
+    pub version: String,
+    /// Score at or above which the label is `anomaly`. Default: the model's metadata.
+    #[serde(default)]
+    pub threshold: Option<f64>,
+    /// The model's metric → the payload field that carries it, for fields named otherwise
+    /// (`extra.<name>` for a metric in the payload's `extra` map). Default: the same names.
+    #[serde(default)]
+    pub features: BTreeMap<String, String>,
+}
+
+fn latest() -> String {
+    "latest".to_owned()
 }
 
 // ---------------------------------------------------------------------------------------------

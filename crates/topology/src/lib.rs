@@ -27,8 +27,8 @@ mod suggest;
 
 pub use config::{
     ActionRouterConfig, Endpoint, ExecutorConfig, FieldRange, HttpIngestConfig, InferencerConfig,
-    IngestValidatorConfig, KindConfig, MqttBridgeConfig, OutboxRelayConfig, ProjectorConfig, Rule,
-    RuleAction, TopicMapping,
+    IngestValidatorConfig, KindConfig, ModelConfig, MqttBridgeConfig, OutboxRelayConfig,
+    ProjectorConfig, Rule, RuleAction, TopicMapping,
 };
 
 /// A whole topology file.
