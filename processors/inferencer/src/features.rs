@@ -9,6 +9,8 @@
 //!
 //! The baseline is gated: a value far off it (z ≥ `gate_z`) does not move it, so a spike or a
 //! drift does not drag the mean along and the reading after it is judged against the normal.
+//! The spread comes from successive differences (half the EWMA of the squared step), so a slow
+//! drift moves the mean, which is what it is measured against, but hardly the spread.
 //! After `max_skips` gated values in a row the baseline restarts from the current value, so a
 //! real level shift is learnt instead of flagged forever.
 
@@ -67,12 +69,12 @@ impl Floors {
 }
 
 impl FeatureParams {
-    /// The parameters the shipped model was trained with.
-    pub fn model_v1() -> FeatureParams {
+    /// The parameters the shipped model was trained with (its metadata carries them too).
+    pub fn shipped() -> FeatureParams {
         FeatureParams {
-            alpha: 0.05,
+            alpha: 0.03,
             warmup: 10,
-            gate_z: 4.0,
+            gate_z: 3.0,
             max_skips: 30,
             repeat_cap: 20,
             floor: Floors {
@@ -89,7 +91,7 @@ impl FeatureParams {
         FeatureParams {
             alpha: 2.0 / (window as f64 + 1.0),
             gate_z: z_threshold,
-            ..FeatureParams::model_v1()
+            ..FeatureParams::shipped()
         }
     }
 }
@@ -124,6 +126,7 @@ impl MetricState {
             };
             return [0.0; PER_METRIC];
         }
+        let step = x - self.last_raw;
         self.repeats = if x == self.last_raw {
             self.repeats + 1
         } else {
@@ -140,7 +143,12 @@ impl MetricState {
             let a = p.alpha.max(1.0 / f64::from(self.n));
             let d = x - self.mean;
             self.mean += a * d;
-            self.var = (1.0 - a) * (self.var + a * d * d);
+            let half = step * step / 2.0;
+            self.var = if self.n == 2 {
+                half
+            } else {
+                (1.0 - a) * self.var + a * half
+            };
             self.last_ok = x;
             self.skips = 0;
         } else {
@@ -200,7 +208,7 @@ mod tests {
 
     #[test]
     fn features_are_zero_while_warming_up_and_a_spike_stands_out() {
-        let p = FeatureParams::model_v1();
+        let p = FeatureParams::shipped();
         let mut dev = DeviceState::default();
         for i in 0..p.warmup {
             let row = dev.observe(&[Some(20.0 + noisy(i)), None, None], &p);
@@ -219,7 +227,7 @@ mod tests {
 
     #[test]
     fn repeats_count_identical_values_in_a_row() {
-        let p = FeatureParams::model_v1();
+        let p = FeatureParams::shipped();
         let mut dev = DeviceState::default();
         for i in 0..20 {
             dev.observe(&[None, Some(50.0 + noisy(i)), None], &p);
@@ -232,7 +240,7 @@ mod tests {
 
     #[test]
     fn a_lasting_level_shift_is_learnt() {
-        let p = FeatureParams::model_v1();
+        let p = FeatureParams::shipped();
         let mut dev = DeviceState::default();
         for i in 0..50 {
             dev.observe(&[None, None, Some(1.0 + noisy(i) / 10.0)], &p);
@@ -250,7 +258,7 @@ mod tests {
 
     #[test]
     fn a_missing_or_non_finite_metric_scores_zero_and_leaves_the_baseline() {
-        let p = FeatureParams::model_v1();
+        let p = FeatureParams::shipped();
         let mut a = DeviceState::default();
         let mut b = DeviceState::default();
         for i in 0..30 {

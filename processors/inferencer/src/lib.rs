@@ -161,7 +161,7 @@ impl Inferencer {
         let c = &settings.config;
         let inferencer = Inferencer {
             fallback: FeatureParams::fallback(c.window, c.fallback_z_threshold),
-            model_params: RwLock::new(FeatureParams::model_v1()),
+            model_params: RwLock::new(FeatureParams::shipped()),
             slots,
             devices: moka::sync::Cache::builder()
                 .max_capacity(1_000_000)
