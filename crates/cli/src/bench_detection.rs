@@ -83,7 +83,7 @@ pub fn bench_detection(args: &BenchDetectionArgs) -> Result<ExitCode> {
         let store = Store::connect(&args.store, StoreOptions::default())
             .await
             .with_context(|| format!("cannot open the store {}", redact(&args.store)))?;
-        let rows = store.anomalies(args.version, None).await;
+        let rows = store.anomalies(args.projection_version, None).await;
         store.close().await;
         rows.context("cannot read the anomalies projection")
     })?;

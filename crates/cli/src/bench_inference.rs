@@ -104,14 +104,11 @@ pub fn bench_inference(args: &BenchInferenceArgs) -> Result<ExitCode> {
     let fallback_per_s = readings.len() as f64 / started.elapsed().as_secs_f64();
     std::hint::black_box(flagged);
 
+    let count = rows.len() / features::WIDTH;
     let mut batches = Vec::new();
     for batch in [1usize, 64, 1024] {
         // Batch 1 is slow by nature; a tenth of the rows gives a steady figure.
-        let n = if batch == 1 {
-            rows.len() / 10
-        } else {
-            rows.len()
-        };
+        let n = if batch == 1 { count / 10 } else { count };
         let n = n - n % batch;
         let started = Instant::now();
         for chunk in rows[..n * features::WIDTH].chunks(batch * features::WIDTH) {

@@ -380,7 +380,7 @@ pub struct BenchDetectionArgs {
     pub store: String,
     /// The projection version to read.
     #[arg(long, default_value_t = 1)]
-    pub version: i32,
+    pub projection_version: i32,
     /// Print the figures as JSON.
     #[arg(long)]
     pub json: bool,
@@ -500,4 +500,15 @@ pub struct BenchIngestArgs {
 pub struct PendingArgs {
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
     pub rest: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_command_is_well_formed() {
+        // clap checks names, flags and defaults of every subcommand only when one is built.
+        super::Cli::command().debug_assert();
+    }
 }

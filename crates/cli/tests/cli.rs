@@ -47,7 +47,12 @@ fn help_lists_the_whole_command_tree() {
 fn commands_of_later_components_say_so_and_exit_2() {
     for args in [
         &["replay", "--from", "2026-01-01"][..],
-        &["run", "inferencer", "--topology", "topologies/default.yaml"],
+        &[
+            "run",
+            "action-router",
+            "--topology",
+            "topologies/default.yaml",
+        ],
         &["dlq", "list"],
     ] {
         let out = sluice(args);
@@ -506,11 +511,12 @@ fn bench_ingest_refuses_a_store_with_a_waiting_outbox() {
 
 /// Starts `sluice run <processor>` on a fresh embedded log and SQLite store, waits for its
 /// start line, sends SIGTERM and expects a clean exit within 10 s.
-fn run_until_sigterm(processor: &str) {
-    run_until_sigterm_with(processor, &[]);
+fn run_until_sigterm(processor: &str) -> Vec<String> {
+    run_until_sigterm_with(processor, &[])
 }
 
-fn run_until_sigterm_with(processor: &str, env: &[(&str, String)]) {
+/// Like [`run_until_sigterm`], with `env` set; returns its log lines.
+fn run_until_sigterm_with(processor: &str, env: &[(&str, String)]) -> Vec<String> {
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
         .envs(env.iter().map(|(k, v)| (k, v)))
@@ -585,6 +591,37 @@ fn run_until_sigterm_with(processor: &str, env: &[(&str, String)]) {
         "{}",
         seen.join("\n")
     );
+    seen
+}
+
+#[test]
+fn run_inferencer_starts_with_the_shipped_model_and_stops_cleanly_on_sigterm() {
+    let lines = run_until_sigterm("inferencer");
+    let start = lines.iter().find(|l| l.contains(" started")).unwrap();
+    assert!(
+        start.contains("sensor.reading: reading-iforest version 1"),
+        "the start line names the model (ONNX Runtime from scripts/fetch-onnxruntime): {start}"
+    );
+}
+
+#[test]
+fn run_inferencer_without_onnx_runtime_scores_with_the_fallback_and_says_how_to_fix_it() {
+    let lines = run_until_sigterm_with(
+        "inferencer",
+        &[(
+            "ORT_DYLIB_PATH",
+            "/nonexistent/libonnxruntime.so".to_owned(),
+        )],
+    );
+    let all = lines.join("\n");
+    let start = lines.iter().find(|l| l.contains(" started")).unwrap();
+    assert!(start.contains("sensor.reading: ewma-zscore"), "{all}");
+    let problems: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("model not loaded"))
+        .collect();
+    assert_eq!(problems.len(), 1, "logged once: {all}");
+    assert!(problems[0].contains("scripts/fetch-onnxruntime"), "{all}");
 }
 
 #[test]
@@ -911,4 +948,120 @@ fn sql_says_what_is_missing() {
     );
     let out = sluice(&["sql", "--format", "yaml", "SELECT 1"]);
     assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn bench_inference_prints_throughput_per_batch_size_and_paced_latency_as_json() {
+    let out = sluice(&[
+        "bench",
+        "inference",
+        "--rows",
+        "4096",
+        "--seconds",
+        "0.3",
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["model"], "reading-iforest version 1");
+    let sizes: Vec<u64> = report["batches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["batch"].as_u64().unwrap())
+        .collect();
+    assert_eq!(sizes, [1, 64, 1024]);
+    for b in report["batches"].as_array().unwrap() {
+        assert!(b["rows_per_s"].as_f64().unwrap() > 0.0, "{report}");
+        assert!(b["vs_fallback"].as_f64().unwrap() > 0.0, "{report}");
+    }
+    let paced = &report["paced"];
+    assert_eq!(paced["readings"], 3000, "0.3 s at 10,000/s: {report}");
+    assert!(paced["p99_ms"].as_f64().unwrap() >= paced["p50_ms"].as_f64().unwrap());
+    assert!(paced["max_batch"].as_u64().unwrap() <= 64);
+}
+
+#[test]
+fn bench_detection_scores_the_projection_against_the_truth_file() {
+    use sluice_store::{Anomaly, ProjectionBatch};
+    let dir = tempfile::tempdir().unwrap();
+    let store_url = format!("sqlite://{}/sluice.db", dir.path().display());
+    let at: chrono::DateTime<chrono::Utc> = "2026-06-01T12:00:00Z".parse().unwrap();
+    let ids: Vec<uuid::Uuid> = (0..6).map(|_| uuid::Uuid::new_v4()).collect();
+    // Truth: readings 0..4 were anomalous. The model flagged 0, 1 and 5; the fallback 0..4.
+    let truth: String = ids[..4]
+        .iter()
+        .map(|id| {
+            format!(
+                "{{\"event_id\":\"{id}\",\"device\":\"dev-00001\",\"occurred_at\":\"{}\",\"metric\":\"temperature_c\",\"kind\":\"spike\",\"value\":40.0}}\n",
+                at.to_rfc3339()
+            )
+        })
+        .collect();
+    let truth_file = dir.path().join("truth.jsonl");
+    std::fs::write(&truth_file, truth).unwrap();
+    let anomaly = |input: uuid::Uuid, model: &str| Anomaly {
+        event_id: uuid::Uuid::new_v4(),
+        input_event_id: input,
+        device_id: "dev-00001".into(),
+        at,
+        score: 0.9,
+        threshold: 0.5,
+        model_name: model.into(),
+        model_version: "1".into(),
+        features: Default::default(),
+        site: None,
+    };
+    let mut anomalies: Vec<Anomaly> = [0, 1, 5]
+        .iter()
+        .map(|&i| anomaly(ids[i], "reading-iforest"))
+        .collect();
+    anomalies.extend(ids[..4].iter().map(|&id| anomaly(id, "ewma-zscore")));
+    // Flagged a day later: outside the truth's span, not counted.
+    let mut stale = anomaly(uuid::Uuid::new_v4(), "reading-iforest");
+    stale.at = at + chrono::TimeDelta::days(1);
+    anomalies.push(stale);
+    block_on(async {
+        let opts = StoreOptions {
+            migrate_on_connect: true,
+            ..StoreOptions::default()
+        };
+        let store = Store::connect(&store_url, opts).await.unwrap();
+        let batch = ProjectionBatch {
+            version: 1,
+            anomalies,
+            ..ProjectionBatch::default()
+        };
+        store.project(&batch).await.unwrap();
+        store.close().await;
+    });
+    let out = sluice(&[
+        "bench",
+        "detection",
+        "--truth",
+        truth_file.to_str().unwrap(),
+        "--store",
+        &store_url,
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["truth"], 4);
+    let models = report["models"].as_array().unwrap();
+    let figures = |name: &str| {
+        let m = models.iter().find(|m| m["model"] == name).unwrap();
+        (
+            m["flagged"].as_u64().unwrap(),
+            m["hits"].as_u64().unwrap(),
+            m["precision"].as_f64().unwrap(),
+            m["recall"].as_f64().unwrap(),
+        )
+    };
+    let (flagged, hits, p, r) = figures("reading-iforest");
+    assert_eq!((flagged, hits), (3, 2));
+    assert!(
+        (p - 2.0 / 3.0).abs() < 1e-9 && (r - 0.5).abs() < 1e-9,
+        "{report}"
+    );
+    assert_eq!(figures("ewma-zscore"), (4, 4, 1.0, 1.0));
 }
