@@ -56,12 +56,14 @@ fn one_line(e: &anyhow::Error) -> String {
 /// Logs go to stderr; `SLUICE_LOG` filters them (`info,sluice_schemas=debug`), and
 /// `SLUICE_LOG_FORMAT=json` makes them JSON lines. Colours only on a terminal. sqlx's notices
 /// ("relation ... already exists, skipping" on every migrate) and the embedded MQTT broker's
-/// per-connection chatter are left out unless asked for.
+/// per-connection chatter, and ONNX Runtime's session and allocator notes, are left out unless
+/// asked for.
 fn init_logging() {
     use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("SLUICE_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx::postgres::notice=warn,rumqttd=off"));
+    let filter = EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| {
+        EnvFilter::new("info,sqlx::postgres::notice=warn,rumqttd=off,ort=warn")
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())

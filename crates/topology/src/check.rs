@@ -595,14 +595,7 @@ fn check_inferencer(
     at: &str,
     out: &mut Vec<Issue>,
 ) {
-    let input_subjects: Option<BTreeSet<&str>> = if m.topics_complete {
-        p.inputs
-            .iter()
-            .map(|i| m.topic(i).and_then(|t| t.subject.as_deref()))
-            .collect()
-    } else {
-        None
-    };
+    let input_subjects = input_subjects(m, p);
     for (event_type, model) in &c.models {
         let at = format!("{at}.models.{event_type}");
         if let Some(types) = &input_subjects
@@ -657,6 +650,17 @@ fn valid_rate_limit(limit: &str) -> bool {
     })
 }
 
+/// The event types reaching processor `p`, when every input is known and typed.
+fn input_subjects<'a>(m: &'a Model<'_>, p: &ProcView<'_>) -> Option<BTreeSet<&'a str>> {
+    if !m.topics_complete {
+        return None;
+    }
+    p.inputs
+        .iter()
+        .map(|i| m.topic(i).and_then(|t| t.subject.as_deref()))
+        .collect()
+}
+
 fn check_router(
     m: &Model<'_>,
     p: &ProcView<'_>,
@@ -664,15 +668,7 @@ fn check_router(
     at: &str,
     out: &mut Vec<Issue>,
 ) {
-    // The event types reaching this router, when every input is known and typed.
-    let input_subjects: Option<BTreeSet<&str>> = if m.topics_complete {
-        p.inputs
-            .iter()
-            .map(|i| m.topic(i).and_then(|t| t.subject.as_deref()))
-            .collect()
-    } else {
-        None
-    };
+    let input_subjects = input_subjects(m, p);
     // The endpoints the executors define, when every executor's config could be read.
     let executors: Vec<&ProcView<'_>> = m
         .processors

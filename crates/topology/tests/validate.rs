@@ -397,6 +397,38 @@ fn a_topic_nobody_consumes_is_fine_but_external_topics_need_no_producer() {
 }
 
 #[test]
+fn inferencer_model_checks() {
+    let text = "\
+name: cfg
+topics:
+  - { name: events.sensor-reading, subject: sensor.reading, external: true }
+  - { name: inferences, subject: inference.result }
+processors:
+  - name: inferencer
+    kind: inferencer
+    inputs: [events.sensor-reading]
+    outputs: { inferences: inferences }
+    config:
+      models:
+        sensor.reading: { path: models/reading-iforest, version: latest, threshold: 0.5 }
+        device.status: { path: ' ' , version: '' }
+      reload_interval: 0s
+";
+    assert_eq!(
+        validate(text),
+        [
+            "processors[0] (inferencer).config.models.device.status: no input of this \
+             inferencer carries \"device.status\" events (known: sensor.reading)",
+            "processors[0] (inferencer).config.models.device.status.path: must not be empty; \
+             leave the model out to use the statistical fallback",
+            "processors[0] (inferencer).config.models.device.status.version: must be a version \
+             folder name or `latest`",
+            "processors[0] (inferencer).config.reload_interval: must be longer than 0",
+        ]
+    );
+}
+
+#[test]
 fn router_and_executor_config_checks() {
     let text = "\
 name: cfg
