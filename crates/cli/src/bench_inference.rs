@@ -28,8 +28,8 @@ pub struct BatchFigures {
     pub rows_per_s: f64,
     /// Microseconds per row.
     pub us_per_row: f64,
-    /// rows_per_s / the fallback's rows_per_s.
-    pub vs_fallback: f64,
+    /// Time per row against the fallback's (the fallback's rows_per_s / rows_per_s).
+    pub cost_vs_fallback: f64,
 }
 
 /// Latency added by micro-batching at a steady rate.
@@ -122,7 +122,7 @@ pub fn bench_inference(args: &BenchInferenceArgs) -> Result<ExitCode> {
             rows: n,
             rows_per_s,
             us_per_row: secs * 1e6 / n as f64,
-            vs_fallback: rows_per_s / fallback_per_s,
+            cost_vs_fallback: fallback_per_s / rows_per_s,
         });
     }
     let paced = paced(&model, &readings, &params, args)?;
@@ -269,11 +269,11 @@ fn print(r: &InferenceReport) {
         r.fallback_per_s,
         sluice_inferencer::FALLBACK_MODEL
     );
-    println!("batch        rows/s      µs/row   vs fallback");
+    println!("batch        rows/s      µs/row   time per row vs fallback");
     for b in &r.batches {
         println!(
-            "{:>5}  {:>12.0}  {:>10.2}   {:>9.2}x",
-            b.batch, b.rows_per_s, b.us_per_row, b.vs_fallback
+            "{:>5}  {:>12.0}  {:>10.2}   {:>9.0}x",
+            b.batch, b.rows_per_s, b.us_per_row, b.cost_vs_fallback
         );
     }
     let p = &r.paced;

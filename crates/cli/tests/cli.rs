@@ -973,7 +973,7 @@ fn bench_inference_prints_throughput_per_batch_size_and_paced_latency_as_json() 
     assert_eq!(sizes, [1, 64, 1024]);
     for b in report["batches"].as_array().unwrap() {
         assert!(b["rows_per_s"].as_f64().unwrap() > 0.0, "{report}");
-        assert!(b["vs_fallback"].as_f64().unwrap() > 0.0, "{report}");
+        assert!(b["cost_vs_fallback"].as_f64().unwrap() > 0.0, "{report}");
     }
     let paced = &report["paced"];
     assert_eq!(paced["readings"], 3000, "0.3 s at 10,000/s: {report}");
