@@ -1,6 +1,7 @@
 //! The store of Sluice: the append-only event store, the transactional outbox, consumer offsets
-//! committed with the writes they produced, the dead-letter table, and the projector's read
-//! models (latest state, readings, 1-minute and 1-hour rollups, anomalies), on PostgreSQL
+//! committed with the writes they produced, the dead-letter table, the projector's read
+//! models (latest state, readings, 1-minute and 1-hour rollups, anomalies), and the executor's
+//! action schedule with its dedup and ledger, on PostgreSQL
 //! (`postgres://...`) or SQLite (`sqlite://PATH`) through `sqlx`. Both pass one contract suite
 //! (`tests/contract`), and processors never see which one they run on.
 //!
@@ -20,6 +21,7 @@ use serde::Deserialize;
 use sluice_runtime::{BoxError as RuntimeBoxError, DeadLetter, DlqSink};
 use uuid::Uuid;
 
+mod actions;
 pub mod bench;
 mod error;
 mod keys;
@@ -31,6 +33,11 @@ mod select;
 mod sqlite;
 pub mod testing;
 
+pub use actions::{
+    ActionRow, ActionSource, ActionStatus, AttemptRecord, DELIVERY_ERROR_CLASS, DedupKey,
+    DueAction, EXECUTOR_PROCESSOR, EnqueueOutcome, Intake, LedgerOutcome, LedgerRow, NewAction,
+    NextStep,
+};
 pub use error::{BoxError, Error, Result};
 pub use keys::{ApiKey, Role};
 pub use model::{
@@ -320,7 +327,9 @@ impl Store {
 
     /// Retention and partitions as of `now`: creates the current partition and
     /// `partitions_ahead` more, drops partitions entirely older than `now - retention`, and
-    /// deletes older events that are not in such a partition (all of them on SQLite).
+    /// deletes older events that are not in such a partition (all of them on SQLite). Also
+    /// deletes the finished actions (every status but `pending`) whose `updated_at` is older
+    /// than `now - retention`, with their ledger rows; pending actions are never removed.
     pub async fn maintain(&self, now: DateTime<Utc>) -> Result<MaintainReport> {
         dispatch!(self.maintain(now))
     }
@@ -435,6 +444,91 @@ impl Store {
     }
 }
 
+/// The executor's action schedule, dedup and ledger ("Actions fire once", docs/store.md).
+impl Store {
+    /// Takes a batch of `action.requested` events in, in one transaction with the consumer
+    /// `offsets` (as [`append`](Self::append) does: upserted, the last one per group, topic
+    /// and partition wins): nothing of it is stored if anything fails.
+    ///
+    /// Each request whose [`DedupKey`] and action id are not stored yet (nor earlier in the
+    /// batch) is stored: `pending` and due now (the store's clock) for [`Intake::Deliver`],
+    /// else `suppressed` or `denied` with a ledger row saying so. Every other request is a
+    /// duplicate: nothing is stored for it but a `duplicate` ledger row, written against the
+    /// **existing** action that holds the key (so an action's ledger shows every replay that
+    /// hit it), with the absorbed request's own id in `request_id`.
+    ///
+    /// Dedup holds as long as the holding action is kept: pending ones always, finished ones
+    /// for the store's retention after their last change (see [`maintain`](Self::maintain)).
+    pub async fn enqueue_actions(
+        &self,
+        actions: &[NewAction],
+        offsets: &[ConsumerOffset],
+    ) -> Result<EnqueueOutcome> {
+        let p = actions::PreparedEnqueue::new(actions, offsets, Utc::now())?;
+        dispatch!(self.enqueue_actions(&p))
+    }
+
+    /// Up to `limit` pending actions due at `now` (`next_attempt_at <= now`), oldest due
+    /// first, each claimed for `lease`: its `next_attempt_at` moves to `now + lease` in the same
+    /// statement (Postgres: `FOR UPDATE SKIP LOCKED`; SQLite: one write transaction), so two
+    /// claimers, in one process or several, never get the same action at once. A claimer
+    /// records the attempt with [`record_attempt`](Self::record_attempt) before the lease
+    /// ends; if it dies, the action is due again when the lease ends. `now` is the caller's
+    /// clock. Claims do not change `updated_at`.
+    pub async fn claim_due_actions(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+        lease: Duration,
+    ) -> Result<Vec<DueAction>> {
+        let until = actions::lease_end("claim_due_actions", now, lease)?;
+        dispatch!(self.claim_due_actions(prepare::trunc(now), limit, until))
+    }
+
+    /// Records one attempt (or short-circuit) of a claimed action, in one transaction: a
+    /// ledger row, and the action's new state. For a pending action:
+    ///
+    /// - [`NextStep::Delivered`]: `delivered`, attempts + 1, `delivered_at` = `attempt.at`;
+    ///   ledger `delivered`.
+    /// - [`NextStep::RetryAt`]: stays `pending`, due at that time, attempts + 1; ledger
+    ///   `retrying`.
+    /// - [`NextStep::Dead`]: `dead`, attempts + 1, and a dead letter (processor `executor`,
+    ///   error class `delivery`, the body's bytes as raw, the request's topic, partition and
+    ///   offset, the action id as event id, the attempt's error as message); ledger `dead`.
+    /// - [`NextStep::ShortCircuited`]: stays `pending`, due at `until`, attempts unchanged;
+    ///   ledger `short_circuited`.
+    ///
+    /// Counted attempts set `last_http_status` and, when they carry one, `last_error`. The
+    /// ledger's attempt number is attempts + 1 as found. An action that already left `pending`
+    /// (a claim whose lease ran out while another claimer finished it) keeps its state; the
+    /// attempt is still written to the ledger (`delivered`, `short_circuited`, or `failed`).
+    /// An unknown action id is an [`Error::InvalidArgument`] and writes nothing.
+    pub async fn record_attempt(
+        &self,
+        action_id: Uuid,
+        attempt: &AttemptRecord,
+        next: NextStep,
+    ) -> Result<()> {
+        dispatch!(self.record_attempt(action_id, attempt, next))
+    }
+
+    /// One action.
+    pub async fn action(&self, action_id: Uuid) -> Result<Option<ActionRow>> {
+        dispatch!(self.action(action_id))
+    }
+
+    /// The ledger rows of one action, in the order they were written.
+    pub async fn action_ledger(&self, action_id: Uuid) -> Result<Vec<LedgerRow>> {
+        dispatch!(self.action_ledger(action_id))
+    }
+
+    /// Actions waiting for an attempt (status `pending`, claimed or not): the executor's
+    /// backlog gauge.
+    pub async fn actions_pending(&self) -> Result<u64> {
+        dispatch!(self.actions_pending())
+    }
+}
+
 impl DlqSink for Store {
     async fn put(&self, letter: DeadLetter) -> Result<(), RuntimeBoxError> {
         self.dlq_put(letter).await?;
@@ -519,6 +613,16 @@ mod tests {
         is_send(&s.events_in_range(&EventQuery::default()));
         is_send(&s.verify_api_key("sk_"));
         is_send(&s.create_api_key(Role::Device, None));
+        is_send(&s.enqueue_actions(&[], &[]));
+        is_send(&s.claim_due_actions(Utc::now(), 1, Duration::ZERO));
+        let rec = AttemptRecord {
+            at: Utc::now(),
+            http_status: None,
+            latency: None,
+            error: None,
+        };
+        is_send(&s.record_attempt(Uuid::nil(), &rec, NextStep::Dead));
+        is_send(&s.action_ledger(Uuid::nil()));
     }
 
     #[tokio::test]

@@ -299,4 +299,9 @@ pub struct MaintainReport {
     /// Anomalies deleted by [`maintain_readings`](crate::Store::maintain_readings) (both
     /// backends; row by row).
     pub anomalies_deleted: u64,
+    /// Finished actions deleted by [`maintain`](crate::Store::maintain).
+    pub actions_deleted: u64,
+    /// Action ledger rows deleted by [`maintain`](crate::Store::maintain): those of the
+    /// actions deleted, and any older than retention whose action is gone.
+    pub action_ledger_deleted: u64,
 }

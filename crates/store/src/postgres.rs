@@ -21,9 +21,10 @@ use crate::model::{
     AppendBatch, AppendOutcome, ConsumerOffset, DlqCount, DlqEntry, DlqFilter, DlqStatus,
     EventQuery, MaintainReport, OutboxEntry, PartitionInfo, StoredEvent,
 };
-use crate::prepare::{EventRow, Prepared, from_micros, micros};
+use crate::prepare::{DeadRow, EventRow, Prepared, from_micros, micros};
 use crate::{Error, ListenerInner, OUTBOX_CHANNEL, OutboxListener, Result, StoreOptions};
 
+mod actions;
 mod projections;
 
 static MIGRATOR: Migrator = sqlx::migrate!("../../sql/postgres");
@@ -431,8 +432,14 @@ impl PgStore {
 
     pub async fn maintain(&self, now: DateTime<Utc>) -> Result<MaintainReport> {
         let cutoff = micros(now).saturating_sub(self.retention_us());
-        self.partition_tx(Partitioned::Events, self.wanted(now), Some(cutoff))
-            .await
+        let mut report = self
+            .partition_tx(Partitioned::Events, self.wanted(now), Some(cutoff))
+            .await?;
+        // Apart from the partition transaction, which may hold `events` exclusively.
+        (report.actions_deleted, report.action_ledger_deleted) = self
+            .delete_finished_actions(from_micros("maintain", cutoff)?)
+            .await?;
+        Ok(report)
     }
 
     pub async fn maintain_readings(
@@ -582,42 +589,7 @@ impl PgStore {
             }
         }
 
-        let mut dead_letter_ids = Vec::new();
-        if !p.dead.is_empty() {
-            let d = &p.dead;
-            dead_letter_ids = sqlx::query_scalar(INSERT_DLQ)
-                .bind(
-                    d.iter()
-                        .map(|r| r.letter.processor.as_str())
-                        .collect::<Vec<_>>(),
-                )
-                .bind(d.iter().map(|r| r.letter.event_id).collect::<Vec<_>>())
-                .bind(
-                    d.iter()
-                        .map(|r| r.letter.topic.as_str())
-                        .collect::<Vec<_>>(),
-                )
-                .bind(d.iter().map(|r| r.letter.partition).collect::<Vec<_>>())
-                .bind(d.iter().map(|r| r.letter.offset).collect::<Vec<_>>())
-                .bind(d.iter().map(|r| r.schema_id).collect::<Vec<_>>())
-                .bind(
-                    d.iter()
-                        .map(|r| r.letter.raw.as_slice())
-                        .collect::<Vec<_>>(),
-                )
-                .bind(d.iter().map(|r| r.decoded.as_deref()).collect::<Vec<_>>())
-                .bind(d.iter().map(|r| r.letter.error_class).collect::<Vec<_>>())
-                .bind(
-                    d.iter()
-                        .map(|r| r.letter.error_message.as_str())
-                        .collect::<Vec<_>>(),
-                )
-                .bind(d.iter().map(|r| r.failed_at).collect::<Vec<_>>())
-                .bind(d.iter().map(|r| r.attempts).collect::<Vec<_>>())
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(db(OP))?;
-        }
+        let dead_letter_ids = insert_dead_letters(&mut tx, OP, &p.dead).await?;
 
         if !p.offsets.is_empty() {
             let o = &p.offsets;
@@ -923,6 +895,49 @@ impl PgStore {
             .map_err(db("events_in_range"))?;
         rows.iter().map(event_from_row).collect()
     }
+}
+
+/// Inserts dead letters in order (one statement); returns their ids.
+async fn insert_dead_letters(
+    conn: &mut PgConnection,
+    op: &'static str,
+    d: &[DeadRow<'_>],
+) -> Result<Vec<i64>> {
+    if d.is_empty() {
+        return Ok(Vec::new());
+    }
+    sqlx::query_scalar(INSERT_DLQ)
+        .bind(
+            d.iter()
+                .map(|r| r.letter.processor.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(d.iter().map(|r| r.letter.event_id).collect::<Vec<_>>())
+        .bind(
+            d.iter()
+                .map(|r| r.letter.topic.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(d.iter().map(|r| r.letter.partition).collect::<Vec<_>>())
+        .bind(d.iter().map(|r| r.letter.offset).collect::<Vec<_>>())
+        .bind(d.iter().map(|r| r.schema_id).collect::<Vec<_>>())
+        .bind(
+            d.iter()
+                .map(|r| r.letter.raw.as_slice())
+                .collect::<Vec<_>>(),
+        )
+        .bind(d.iter().map(|r| r.decoded.as_deref()).collect::<Vec<_>>())
+        .bind(d.iter().map(|r| r.letter.error_class).collect::<Vec<_>>())
+        .bind(
+            d.iter()
+                .map(|r| r.letter.error_message.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(d.iter().map(|r| r.failed_at).collect::<Vec<_>>())
+        .bind(d.iter().map(|r| r.attempts).collect::<Vec<_>>())
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db(op))
 }
 
 async fn list_ranges(conn: &mut PgConnection, table: Partitioned) -> Result<Vec<Range>> {

@@ -110,7 +110,7 @@ impl<'a> Prepared<'a> {
 }
 
 impl<'a> DeadRow<'a> {
-    fn new(d: &'a NewDeadLetter) -> Self {
+    pub(crate) fn new(d: &'a NewDeadLetter) -> Self {
         let l = &d.letter;
         let decoded = match &d.decoded {
             Some(v) => serde_json::to_string(v).ok(),

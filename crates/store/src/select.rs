@@ -15,8 +15,9 @@ use crate::error::db;
 use crate::prepare::micros;
 use crate::{Error, Inner, Result, Store};
 
-/// The store tables the SQL endpoint may read.
-pub const READABLE_TABLES: [&str; 8] = [
+/// The store tables the SQL endpoint may read. `actions` and `action_ledger` are the action
+/// ledger view; `actions.destructive` is a boolean on Postgres, which no [`ColumnType`] reads.
+pub const READABLE_TABLES: [&str; 10] = [
     "events",
     "dlq",
     "readings",
@@ -25,6 +26,8 @@ pub const READABLE_TABLES: [&str; 8] = [
     "device_latest",
     "anomalies",
     "consumer_offsets",
+    "actions",
+    "action_ledger",
 ];
 
 /// How a column is read, whatever the backend stores.

@@ -14,7 +14,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
 };
-use sqlx::{QueryBuilder, Row, Sqlite};
+use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 use tokio::sync::watch;
 use uuid::Uuid;
 use uuid::fmt::Hyphenated;
@@ -25,9 +25,10 @@ use crate::model::{
     AppendBatch, AppendOutcome, ConsumerOffset, DlqCount, DlqEntry, DlqFilter, DlqStatus,
     EventQuery, MaintainReport, OutboxEntry, PartitionInfo, StoredEvent,
 };
-use crate::prepare::{EventRow, Prepared, chunk_sizes, from_micros, micros};
+use crate::prepare::{DeadRow, EventRow, Prepared, chunk_sizes, from_micros, micros};
 use crate::{Error, ListenerInner, OutboxListener, Result, StoreOptions};
 
+mod actions;
 mod projections;
 
 static MIGRATOR: Migrator = sqlx::migrate!("../../sql/sqlite");
@@ -129,8 +130,13 @@ impl SqliteStore {
             .await
             .map_err(db("maintain"))?
             .rows_affected();
+        let (actions_deleted, action_ledger_deleted) = self
+            .delete_finished_actions(from_micros("maintain", cutoff)?)
+            .await?;
         Ok(MaintainReport {
             events_deleted: deleted,
+            actions_deleted,
+            action_ledger_deleted,
             ..MaintainReport::default()
         })
     }
@@ -282,32 +288,7 @@ impl SqliteStore {
             q.execute(&mut *tx).await.map_err(db(OP))?;
         }
 
-        let mut dead_letter_ids = Vec::with_capacity(p.dead.len());
-        for d in &p.dead {
-            let l = d.letter;
-            let id: i64 = sqlx::query_scalar(
-                "INSERT INTO dlq (processor, event_id, source_topic, source_partition, \
-                 source_offset, schema_id, raw, decoded, error_class, error_message, failed_at, \
-                 attempts) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) \
-                 RETURNING dlq_id",
-            )
-            .bind(l.processor.as_str())
-            .bind(l.event_id.map(|u| u.hyphenated()))
-            .bind(l.topic.as_str())
-            .bind(l.partition)
-            .bind(l.offset)
-            .bind(d.schema_id)
-            .bind(l.raw.as_slice())
-            .bind(d.decoded.as_deref())
-            .bind(l.error_class)
-            .bind(l.error_message.as_str())
-            .bind(micros(d.failed_at))
-            .bind(d.attempts)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(db(OP))?;
-            dead_letter_ids.push(id);
-        }
+        let dead_letter_ids = insert_dead_letters(&mut tx, OP, &p.dead).await?;
 
         for &(group, topic, partition, next_offset) in &p.offsets {
             sqlx::query(
@@ -608,6 +589,41 @@ impl SqliteStore {
             .map_err(db("events_in_range"))?;
         rows.iter().map(event_from_row).collect()
     }
+}
+
+/// Inserts dead letters in order; returns their ids.
+async fn insert_dead_letters(
+    conn: &mut SqliteConnection,
+    op: &'static str,
+    dead: &[DeadRow<'_>],
+) -> Result<Vec<i64>> {
+    let mut ids = Vec::with_capacity(dead.len());
+    for d in dead {
+        let l = d.letter;
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO dlq (processor, event_id, source_topic, source_partition, \
+             source_offset, schema_id, raw, decoded, error_class, error_message, failed_at, \
+             attempts) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) \
+             RETURNING dlq_id",
+        )
+        .bind(l.processor.as_str())
+        .bind(l.event_id.map(|u| u.hyphenated()))
+        .bind(l.topic.as_str())
+        .bind(l.partition)
+        .bind(l.offset)
+        .bind(d.schema_id)
+        .bind(l.raw.as_slice())
+        .bind(d.decoded.as_deref())
+        .bind(l.error_class)
+        .bind(l.error_message.as_str())
+        .bind(micros(d.failed_at))
+        .bind(d.attempts)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(db(op))?;
+        ids.push(id);
+    }
+    Ok(ids)
 }
 
 fn opening(path: &Path, e: sqlx::Error) -> Error {

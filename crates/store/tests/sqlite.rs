@@ -104,6 +104,13 @@ contract!(
     anomalies_commit_with_the_offsets,
     anomalies_retention_keeps_recent_ones,
     select_reads_anomalies,
+    enqueue_is_idempotent_on_the_dedup_key,
+    enqueue_commits_with_its_offsets,
+    claims_give_each_due_action_to_one_claimer,
+    claims_respect_the_schedule_and_the_lease,
+    attempts_move_actions_and_fill_the_ledger,
+    actions_retention_keeps_pending_ones,
+    select_reads_the_action_ledger,
 );
 
 /// Another process holding the write lock longer than busy_timeout: "database is locked" is

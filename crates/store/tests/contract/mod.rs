@@ -19,8 +19,10 @@ use sluice_store::{
 };
 use uuid::Uuid;
 
+mod actions;
 mod keys;
 mod projections;
+pub use actions::*;
 pub use keys::*;
 pub use projections::*;
 
