@@ -17,12 +17,14 @@ pub mod breaker;
 pub mod deliver;
 pub mod guard;
 pub mod limit;
+pub mod run;
 pub mod sign;
 
 pub use breaker::{Admit, Breaker};
 pub use deliver::{Attempt, Deliverer, ResolvedEndpoint, Status, backoff, resolve_endpoints};
 pub use guard::{Destinations, Refusal};
 pub use limit::{Limits, Rate};
+pub use run::{Outbound, RunError, Settings, Stats};
 pub use sign::{Secret, SignedHeaders};
 
 /// Errors of setting up delivery (startup errors); delivery outcomes are [`Attempt`]s.
