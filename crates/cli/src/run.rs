@@ -50,8 +50,9 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
         | Kind::MqttBridge
         | Kind::HttpIngest
         | Kind::Projector
-        | Kind::Inferencer => {}
-        Kind::ActionRouter | Kind::Executor => {
+        | Kind::Inferencer
+        | Kind::Executor => {}
+        Kind::ActionRouter => {
             return not_available(
                 &format!("run {} (kind {})", processor.name, processor.kind),
                 "a later issue (projections, inference and actions)",
@@ -147,7 +148,7 @@ impl Wiring<'_> {
             Kind::IngestValidator | Kind::Projector => {
                 p.inputs.iter().map(String::as_str).collect()
             }
-            Kind::Inferencer => p
+            Kind::Inferencer | Kind::Executor => p
                 .inputs
                 .iter()
                 .chain(p.outputs.values())
@@ -170,6 +171,9 @@ impl Wiring<'_> {
             }
             (Kind::Inferencer, Some(store)) => {
                 self.inferencer(&log, store, self.schemas()?, token).await
+            }
+            (Kind::Executor, Some(store)) => {
+                self.executor(&log, store, self.schemas()?, token).await
             }
             (_, Some(store)) => self.relay(&log, store, token).await,
             (_, None) => bail!("{} needs a store", p.name),
@@ -495,6 +499,67 @@ impl Wiring<'_> {
         result
     }
 
+    async fn executor<L: Log>(
+        &self,
+        log: &L,
+        store: &Store,
+        schemas: AnySchemas,
+        token: CancellationToken,
+    ) -> Result<()> {
+        let p = self.processor;
+        let settings = executor_settings(p)?;
+        let outbound = executor_outbound(&settings.config)?;
+        let codec = EventCodec::new(schemas);
+        let stats = Arc::new(sluice_executor::Stats::default());
+        let endpoints: Vec<&str> = settings
+            .config
+            .endpoints
+            .iter()
+            .map(|e| e.name.as_str())
+            .collect();
+        tracing::info!(
+            processor = %p.name,
+            kind = %p.kind,
+            input = %settings.input,
+            endpoints = ?endpoints,
+            log = %self.log_url,
+            store = %redact(self.store_url),
+            "started"
+        );
+        let progress = {
+            let stats = stats.clone();
+            let name = p.name.clone();
+            let mut previous = 0;
+            every(PROGRESS_EVERY, move || {
+                let delivered = stats.delivered.load(Ordering::Relaxed);
+                tracing::info!(
+                    processor = %name,
+                    delivered,
+                    delivered_per_s = rate(&mut previous, delivered),
+                    enqueued = stats.enqueued.load(Ordering::Relaxed),
+                    duplicates = stats.duplicates.load(Ordering::Relaxed),
+                    retried = stats.retried.load(Ordering::Relaxed),
+                    short_circuited = stats.short_circuited.load(Ordering::Relaxed),
+                    dead = stats.dead.load(Ordering::Relaxed),
+                    denied = stats.denied.load(Ordering::Relaxed),
+                    "progress"
+                );
+            })
+        };
+        let result =
+            sluice_executor::run::run(&settings, log, store, &codec, outbound, &stats, token)
+                .await
+                .map_err(anyhow::Error::from);
+        progress.abort();
+        tracing::info!(
+            processor = %p.name,
+            delivered = stats.delivered.load(Ordering::Relaxed),
+            ok = result.is_ok(),
+            "stopped"
+        );
+        result
+    }
+
     async fn relay<L: Log>(&self, log: &L, store: &Store, token: CancellationToken) -> Result<()> {
         use sluice_outbox_relay::Stats;
         let p = self.processor;
@@ -610,6 +675,40 @@ pub(crate) fn inferencer_settings(p: &Processor) -> sluice_inferencer::Settings 
         _ => sluice_inferencer::InferencerConfig::default(),
     };
     sluice_inferencer::Settings::new(&p.name, config)
+}
+
+/// The executor's settings: its input (`actions.requested`) and its `results` port.
+pub(crate) fn executor_settings(p: &Processor) -> Result<sluice_executor::Settings> {
+    let config = match &p.config {
+        KindConfig::Executor(config) => config.clone(),
+        _ => sluice_topology::ExecutorConfig::default(),
+    };
+    let [input] = p.inputs.as_slice() else {
+        bail!(
+            "executor {} needs exactly one input (the actions.requested topic)",
+            p.name
+        );
+    };
+    let mut settings = sluice_executor::Settings::new(&p.name, input, config);
+    settings.results = p.outputs.get("results").cloned();
+    Ok(settings)
+}
+
+/// The executor's endpoints with their secrets (from the environment, never the topology),
+/// the HTTP client under the destination policy, and the default rate limits.
+pub(crate) fn executor_outbound(
+    config: &sluice_topology::ExecutorConfig,
+) -> Result<sluice_executor::Outbound> {
+    let destinations = sluice_executor::Destinations::from_config(config).map_err(|bad| {
+        let bad: Vec<String> = bad.iter().map(ToString::to_string).collect();
+        anyhow!("executor allow_hosts: {}", bad.join("; "))
+    })?;
+    let endpoints = sluice_executor::resolve_endpoints(config, &destinations)?;
+    Ok(sluice_executor::Outbound {
+        deliverer: sluice_executor::Deliverer::new(destinations)?,
+        endpoints,
+        limits: sluice_executor::Limits::from_config(config),
+    })
 }
 
 /// The processor loop's settings for an inferencer: its inputs and outputs, and the model's

@@ -595,6 +595,42 @@ fn run_until_sigterm_with(processor: &str, env: &[(&str, String)]) -> Vec<String
 }
 
 #[test]
+fn run_executor_starts_with_its_secret_and_stops_cleanly_on_sigterm() {
+    let lines = run_until_sigterm_with(
+        "executor",
+        &[(
+            "SLUICE_OPS_WEBHOOK_SECRET",
+            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".to_owned(),
+        )],
+    );
+    let start = lines.iter().find(|l| l.contains(" started")).unwrap();
+    assert!(start.contains("ops-webhook"), "{start}");
+    assert!(
+        !lines.iter().any(|l| l.contains("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")),
+        "the secret is never logged"
+    );
+}
+
+#[test]
+fn run_executor_without_its_secret_names_the_variable_and_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", "executor", "--topology", "topologies/default.yaml"])
+        .arg("--log")
+        .arg(format!("embedded://{}/log", dir.path().display()))
+        .arg("--store")
+        .arg(format!("sqlite://{}/s.db", dir.path().display()))
+        .arg("--migrate")
+        .env_remove("SLUICE_OPS_WEBHOOK_SECRET")
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains("SLUICE_OPS_WEBHOOK_SECRET"), "{err}");
+}
+
+#[test]
 fn run_inferencer_starts_with_the_shipped_model_and_stops_cleanly_on_sigterm() {
     let lines = run_until_sigterm("inferencer");
     let start = lines.iter().find(|l| l.contains(" started")).unwrap();

@@ -796,6 +796,12 @@ fn valid_env_name(name: &str) -> bool {
 }
 
 fn check_executor(c: &ExecutorConfig, at: &str, out: &mut Vec<Issue>) {
+    at_least_one(u64::from(c.rate_limit), format!("{at}.rate_limit"), out);
+    at_least_one(
+        u64::from(c.endpoint_rate_limit),
+        format!("{at}.endpoint_rate_limit"),
+        out,
+    );
     let mut names = BTreeMap::new();
     for (i, endpoint) in c.endpoints.iter().enumerate() {
         let eat = format!("{at}.endpoints[{i}] ({})", endpoint.name);

@@ -462,6 +462,10 @@ pub struct ExecutorConfig {
     pub allow_hosts: Vec<String>,
     /// Allows endpoints on loopback and private address ranges. Default: `false`.
     pub allow_private: bool,
+    /// Most deliveries per second over all endpoints. Default: `10000`.
+    pub rate_limit: u32,
+    /// Most deliveries per second to any one endpoint. Default: `5000`.
+    pub endpoint_rate_limit: u32,
 }
 
 impl Default for ExecutorConfig {
@@ -473,6 +477,8 @@ impl Default for ExecutorConfig {
             breaker_cooldown: Duration::from_secs(5 * 60),
             allow_hosts: Vec::new(),
             allow_private: false,
+            rate_limit: 10_000,
+            endpoint_rate_limit: 5_000,
         }
     }
 }

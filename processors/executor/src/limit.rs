@@ -51,6 +51,13 @@ impl Default for Limits {
 }
 
 impl Limits {
+    /// The limits an executor's config sets (`rate_limit`, `endpoint_rate_limit`, per second,
+    /// with a burst of one second's worth).
+    pub fn from_config(config: &sluice_topology::ExecutorConfig) -> Self {
+        let per_s = |n: u32| Rate::per_second(NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN));
+        Limits::new(per_s(config.rate_limit), per_s(config.endpoint_rate_limit))
+    }
+
     /// Limits of `global` over all endpoints and `per_endpoint` for each endpoint.
     pub fn new(global: Rate, per_endpoint: Rate) -> Self {
         Limits {
