@@ -344,8 +344,28 @@ pub enum BenchCommand {
     /// A flagged reading is one in the anomalies table, device time within the truth file's
     /// span (a minute either side); a hit is one the truth file lists.
     Detection(BenchDetectionArgs),
+    /// Signed webhook deliveries per second to a local receiver through the executor's
+    /// delivery core, against plain POSTs to the same receiver in the same run, and what a
+    /// delivery short-circuited by an open breaker costs.
+    Executor(BenchExecutorArgs),
     /// The whole default topology on pre-generated input.
     Pipeline(PendingArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchExecutorArgs {
+    /// Deliveries per side (signed, then plain).
+    #[arg(long, default_value_t = 50_000)]
+    pub deliveries: u64,
+    /// Deliveries in flight at once.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// Body size in bytes.
+    #[arg(long, default_value_t = 512)]
+    pub body_bytes: usize,
+    /// Print the figures as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

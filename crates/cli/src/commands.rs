@@ -42,6 +42,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Bench(BenchCommand::Inference(args)) => {
             crate::bench_inference::bench_inference(&args)
         }
+        Command::Bench(BenchCommand::Executor(args)) => {
+            crate::bench_executor::bench_executor(&args)
+        }
         Command::Bench(BenchCommand::Detection(args)) => {
             crate::bench_detection::bench_detection(&args)
         }

@@ -8,6 +8,7 @@
 //! 2 usage errors and commands not available in this build.
 
 mod bench_detection;
+mod bench_executor;
 mod bench_inference;
 mod bench_ingest;
 mod bench_project;

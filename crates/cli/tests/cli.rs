@@ -606,7 +606,9 @@ fn run_executor_starts_with_its_secret_and_stops_cleanly_on_sigterm() {
     let start = lines.iter().find(|l| l.contains(" started")).unwrap();
     assert!(start.contains("ops-webhook"), "{start}");
     assert!(
-        !lines.iter().any(|l| l.contains("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")),
+        !lines
+            .iter()
+            .any(|l| l.contains("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")),
         "the secret is never logged"
     );
 }
@@ -1100,4 +1102,16 @@ fn bench_detection_scores_the_projection_against_the_truth_file() {
         "{report}"
     );
     assert_eq!(figures("ewma-zscore"), (4, 4, 1.0, 1.0));
+}
+
+#[test]
+fn bench_executor_prints_signed_and_plain_delivery_rates_and_the_short_circuit_cost() {
+    let out = sluice(&["bench", "executor", "--deliveries", "300", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["deliveries"], 300);
+    for field in ["delivered_per_s", "baseline_per_s", "ratio", "short_circuit_us"] {
+        assert!(report[field].as_f64().unwrap() > 0.0, "{field}: {report}");
+    }
+    assert!(report["p99_ms"].as_f64().unwrap() >= report["p50_ms"].as_f64().unwrap());
 }
