@@ -130,8 +130,9 @@ pub enum TopologyCommand {
         /// Topology files (YAML).
         #[arg(required = true)]
         files: Vec<PathBuf>,
-        /// The schemas folder that topic subjects must exist in [default: ./schemas, else the
-        /// schemas folder beside the topology's folder].
+        /// The schemas folder that topic subjects must exist in, and whose latest versions
+        /// rule predicates are type-checked against [default: ./schemas, else the schemas
+        /// folder beside the topology's folder].
         #[arg(long, env = "SLUICE__SCHEMAS")]
         schemas: Option<PathBuf>,
     },

@@ -1,5 +1,6 @@
 //! What each command does: call the library, print the outcome.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -148,13 +149,26 @@ pub(crate) fn load_schemas(dir: &Path) -> Result<SchemaDir> {
     })
 }
 
+/// Each subject's latest schema as JSON, for type-checking rule predicates.
+fn latest_schemas(dir: &SchemaDir) -> Result<BTreeMap<String, serde_json::Value>> {
+    let mut latest = BTreeMap::new();
+    for subject in dir.subjects() {
+        if let Some(version) = subject.versions.last() {
+            let json = serde_json::from_str(&version.text)
+                .with_context(|| format!("{} is not JSON", version.path.display()))?;
+            latest.insert(subject.name.clone(), json);
+        }
+    }
+    Ok(latest)
+}
+
 fn validate(files: &[PathBuf], schemas: Option<&Path>) -> Result<ExitCode> {
     let mut total = 0;
     for file in files {
-        let subjects = load_schemas(&schemas_for(file, schemas)?)?.subject_names();
+        let latest = latest_schemas(&load_schemas(&schemas_for(file, schemas)?)?)?;
         let issues = match sluice_topology::load(file) {
             Ok(topology) => {
-                let issues = topology.validate(&subjects);
+                let issues = topology.validate_with_schemas(&latest);
                 if issues.is_empty() {
                     println!(
                         "{}: ok ({} topics, {} processors)",

@@ -9,9 +9,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::time::Duration;
 
+use sluice_rules::Fields;
+
 use crate::config::{
     ActionRouterConfig, ExecutorConfig, HttpIngestConfig, InferencerConfig, IngestValidatorConfig,
-    KindConfig, MqttBridgeConfig, OutboxRelayConfig, ProjectorConfig,
+    KindConfig, MqttBridgeConfig, OutboxRelayConfig, ProjectorConfig, Rule,
 };
 use crate::suggest::did_you_mean;
 use crate::{Issue, Kind, Topic, Topology};
@@ -111,11 +113,19 @@ pub(crate) fn sorted(mut issues: Vec<Issue>) -> Vec<Issue> {
     issues
 }
 
-/// Every check; `subjects` is `None` when the known subjects were not given.
-pub(crate) fn check(m: &Model<'_>, subjects: Option<&BTreeSet<String>>) -> Vec<Issue> {
+/// Every subject's latest Avro schema (JSON), by subject name.
+pub(crate) type Schemas = BTreeMap<String, serde_json::Value>;
+
+/// Every check; `subjects` is `None` when the known subjects were not given, `schemas` when
+/// their schemas were not.
+pub(crate) fn check(
+    m: &Model<'_>,
+    subjects: Option<&BTreeSet<String>>,
+    schemas: Option<&Schemas>,
+) -> Vec<Issue> {
     let mut out = Vec::new();
     check_topics(m, subjects, &mut out);
-    check_processors(m, &mut out);
+    check_processors(m, schemas, &mut out);
     sorted(out)
 }
 
@@ -206,7 +216,7 @@ fn check_topics(m: &Model<'_>, subjects: Option<&BTreeSet<String>>, out: &mut Ve
     }
 }
 
-fn check_processors(m: &Model<'_>, out: &mut Vec<Issue>) {
+fn check_processors(m: &Model<'_>, schemas: Option<&Schemas>, out: &mut Vec<Issue>) {
     let mut first: BTreeMap<&str, usize> = BTreeMap::new();
     for p in &m.processors {
         let loc = processor_loc(p.index, Some(p.name));
@@ -261,7 +271,7 @@ fn check_processors(m: &Model<'_>, out: &mut Vec<Issue>) {
                 KindConfig::OutboxRelay(c) => check_relay(c, &at, out),
                 KindConfig::Projector(c) => check_projector(c, &at, out),
                 KindConfig::Inferencer(c) => check_inferencer(m, p, c, &at, out),
-                KindConfig::ActionRouter(c) => check_router(m, p, c, &at, out),
+                KindConfig::ActionRouter(c) => check_router(m, p, c, schemas, &at, out),
                 KindConfig::Executor(c) => check_executor(c, &at, out),
             }
         }
@@ -665,6 +675,7 @@ fn check_router(
     m: &Model<'_>,
     p: &ProcView<'_>,
     c: &ActionRouterConfig,
+    schemas: Option<&Schemas>,
     at: &str,
     out: &mut Vec<Issue>,
 ) {
@@ -706,6 +717,8 @@ fn check_router(
                 format!("{rat}.when"),
                 "must not be empty (e.g. `score > 0.8`)",
             ));
+        } else if let Some(problem) = check_predicate(rule, schemas) {
+            out.push(Issue::new(format!("{rat}.when"), problem));
         }
         if rule.match_type.trim().is_empty() {
             out.push(Issue::new(format!("{rat}.match"), "must not be empty"));
@@ -747,6 +760,31 @@ fn check_router(
             ));
         }
     }
+}
+
+/// What is wrong with a rule's `when`, if anything: it must parse, and type-check against
+/// the fields of the event type it matches when that type's schema is known (without one,
+/// fields may be anything but literals are still checked, e.g. `score > 1 and 2`).
+fn check_predicate(rule: &Rule, schemas: Option<&Schemas>) -> Option<String> {
+    let expr = match sluice_rules::parse(&rule.when) {
+        Ok(expr) => expr,
+        Err(e) => return Some(e.to_string()),
+    };
+    let fields = match schemas.and_then(|s| s.get(&rule.match_type)) {
+        Some(schema) => match Fields::from_avro(schema) {
+            Ok(fields) => fields,
+            Err(e) => {
+                return Some(format!(
+                    "cannot check the rule against the schema of \"{}\": {e}",
+                    rule.match_type
+                ));
+            }
+        },
+        None => Fields::any(),
+    };
+    sluice_rules::check(&expr, &fields)
+        .err()
+        .map(|e| e.to_string())
 }
 
 /// Scheme and host of an http(s) URL, without pulling in a URL parser for one check.

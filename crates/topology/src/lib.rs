@@ -6,8 +6,9 @@
 //! and its rendering as a Mermaid or Graphviz graph.
 //!
 //! It must never do I/O beyond reading the file in [`load`]: no broker, no database, no
-//! schema registry (the caller passes the known Avro subjects to [`Topology::validate`]), no
-//! environment variables (executor secrets are only *named* here). And it must never stop at
+//! schema registry (the caller passes the known Avro subjects to [`Topology::validate`], or
+//! their latest schemas to [`Topology::validate_with_schemas`]), no environment variables
+//! (executor secrets are only *named* here). And it must never stop at
 //! the first mistake: a user fixing a file wants the whole list.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -252,10 +253,25 @@ impl Topology {
     /// every topic has a producer or is external, every subject exists, ports fit their kinds,
     /// and the kinds' configs make sense, alone and together (rule endpoints exist).
     ///
-    /// `subjects` are the Avro subjects that exist (the CLI passes the ones in `schemas/`).
+    /// `subjects` are the Avro subjects that exist. Action-router rule predicates are parsed
+    /// and checked for type errors that do not depend on fields (e.g. `score > 1 and 2`);
+    /// [`Topology::validate_with_schemas`] also checks them against their event's fields.
     /// Returns every issue found; empty means the topology is valid.
     pub fn validate(&self, subjects: &BTreeSet<String>) -> Vec<Issue> {
-        check::check(&check::Model::of(self), Some(subjects))
+        check::check(&check::Model::of(self), Some(subjects), None)
+    }
+
+    /// [`Topology::validate`], with each existing subject's latest Avro schema (as JSON) by
+    /// subject name, so that every rule predicate is also type-checked against the fields of
+    /// the event type it matches: unknown fields and mismatched types are reported.
+    ///
+    /// The CLI passes the latest version of each subject in `schemas/`.
+    pub fn validate_with_schemas(
+        &self,
+        schemas: &BTreeMap<String, serde_json::Value>,
+    ) -> Vec<Issue> {
+        let subjects: BTreeSet<String> = schemas.keys().cloned().collect();
+        check::check(&check::Model::of(self), Some(&subjects), Some(schemas))
     }
 
     /// The topology as a Mermaid `flowchart LR`.

@@ -178,7 +178,7 @@ pub(crate) fn parse(text: &str) -> Result<Topology, Vec<Issue>> {
         topics_complete,
         ports_complete,
     };
-    issues.extend(check::check(&model, None));
+    issues.extend(check::check(&model, None, None));
     Err(check::sorted(issues))
 }
 

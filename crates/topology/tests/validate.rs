@@ -1,6 +1,6 @@
 //! Loading and validating topology files: the shipped default, and every kind of mistake.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use sluice_topology::{Issue, Kind, KindConfig, Topology, load, parse};
@@ -21,6 +21,38 @@ fn subjects() -> BTreeSet<String> {
     ]
     .map(String::from)
     .into()
+}
+
+/// The latest schema of every subject in the repository's `schemas/`, as the CLI passes them.
+fn schemas() -> BTreeMap<String, serde_json::Value> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas");
+    let mut latest = BTreeMap::new();
+    for dir in std::fs::read_dir(&root).expect("schemas folder") {
+        let dir = dir.expect("entry").path();
+        if !dir.is_dir() {
+            continue;
+        }
+        let newest = std::fs::read_dir(&dir)
+            .expect("subject folder")
+            .filter_map(|f| {
+                let path = f.expect("entry").path();
+                let version: u32 = path.file_stem()?.to_str()?.parse().ok()?;
+                (path.extension()? == "avsc").then_some((version, path))
+            })
+            .max()
+            .expect("a version");
+        let text = std::fs::read_to_string(&newest.1).expect("schema file");
+        let subject = dir
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned();
+        latest.insert(
+            subject,
+            serde_json::from_str(&text).expect("schema is JSON"),
+        );
+    }
+    latest
 }
 
 fn lines(issues: &[Issue]) -> Vec<String> {
@@ -117,6 +149,17 @@ fn default_topology_is_valid() {
     };
     let rule_ids: Vec<&str> = router.rules.iter().map(|r| r.id.as_str()).collect();
     assert_eq!(rule_ids, ["anomaly-alert", "device-offline"]);
+}
+
+#[test]
+fn default_topology_rules_type_check_against_the_schemas() {
+    let topology = load(Path::new(DEFAULT)).expect("default loads");
+    let schemas = schemas();
+    assert_eq!(schemas.keys().cloned().collect::<BTreeSet<_>>(), subjects());
+    assert_eq!(
+        lines(&topology.validate_with_schemas(&schemas)),
+        Vec::<String>::new()
+    );
 }
 
 #[test]
@@ -475,6 +518,121 @@ processors:
             "processors[1] (executor).config.endpoints[0] (hook).secret_env: this looks like \
              the secret itself; put the secret in an environment variable and name that \
              variable here (e.g. SLUICE_OPS_WEBHOOK_SECRET)",
+        ]
+    );
+}
+
+/// A router reading inferences and device statuses, with `RULES` for rules.
+const ROUTER: &str = "\
+name: rules
+topics:
+  - { name: inferences, subject: inference.result, external: true }
+  - { name: statuses, subject: device.status, external: true }
+  - { name: actions.requested, subject: action.requested, external: true }
+processors:
+  - name: router
+    kind: action-router
+    inputs: [inferences, statuses]
+    outputs: { requested: actions.requested }
+    config:
+      rules:
+RULES";
+
+fn router_with(rules: &[(&str, &str)]) -> String {
+    let rules: String = rules
+        .iter()
+        .enumerate()
+        .map(|(k, (match_type, when))| {
+            format!(
+                "        - {{ id: r{k}, match: {match_type}, when: '{when}', action: {{ endpoint: hook }} }}\n"
+            )
+        })
+        .collect();
+    ROUTER.replace("RULES", &rules)
+}
+
+#[test]
+fn rule_predicates_are_parsed_and_type_checked() {
+    let text = router_with(&[
+        ("inference.result", "label == \"anomaly\" and score > 0.8"),
+        ("inference.result", "score > 0.8 and"),
+        ("inference.result", "score > \"high\""),
+        ("inference.result", "scroe > 0.8"),
+        ("device.status", "status == \"offline\""),
+        ("device.status", "battery_pct < 10 or state =< \"offline\""),
+        (
+            "inference.result",
+            "features[\"vibration_mm_s.z\"] > 5 and site in [\"p1\", 2]",
+        ),
+        ("inference.result", "score > 1 and 2"),
+    ]);
+    let topology = parse(&text).unwrap_or_else(|e| panic!("{:#?}", lines(&e)));
+    let at = "processors[0] (router).config.rules";
+    assert_eq!(
+        lines(&topology.validate_with_schemas(&schemas())),
+        [
+            format!("{at}[1] (r1).when: expected an operand after \"and\" at column 16"),
+            format!(
+                "{at}[2] (r2).when: cannot compare score (a number) with \"high\" (a string) \
+                 at column 7"
+            ),
+            format!(
+                "{at}[3] (r3).when: unknown field \"scroe\"; did you mean \"score\"? at column 1"
+            ),
+            format!(
+                "{at}[4] (r4).when: unknown field \"status\"; did you mean \"state\"? at column 1"
+            ),
+            format!(
+                "{at}[5] (r5).when: unknown operator \"=<\"; did you mean \"<=\"? at column 27"
+            ),
+            format!(
+                "{at}[6] (r6).when: site is a string, but the list holds 2 (a number) at \
+                 column 53"
+            ),
+            format!(
+                "{at}[7] (r7).when: \"and\" needs true or false, but 2 is a number at column 15"
+            ),
+        ]
+    );
+
+    // Without schemas, fields may be anything: only what the text alone shows is reported.
+    assert_eq!(
+        validate(&text),
+        [
+            format!("{at}[1] (r1).when: expected an operand after \"and\" at column 16"),
+            format!(
+                "{at}[5] (r5).when: unknown operator \"=<\"; did you mean \"<=\"? at column 27"
+            ),
+            format!(
+                "{at}[6] (r6).when: the list mixes types: 2 is a number where the first item \
+                 is a string at column 53"
+            ),
+            format!(
+                "{at}[7] (r7).when: \"and\" needs true or false, but 2 is a number at column 15"
+            ),
+        ]
+    );
+
+    // A rule for an event type without a schema is parsed but its fields are not checked.
+    let mut partial = schemas();
+    partial.remove("device.status");
+    let issues = lines(&topology.validate_with_schemas(&partial));
+    assert!(issues.iter().all(|i| !i.contains("(r4)")), "{issues:#?}");
+}
+
+#[test]
+fn rule_syntax_errors_are_reported_with_structural_mistakes() {
+    let text = router_with(&[("inference.result", "(score > 0.8")]).replace(
+        "    kind: action-router",
+        "    kind: action-router\n    replica: 2",
+    );
+    assert_eq!(
+        lines(&parse(&text).expect_err("structural mistake")),
+        [
+            "processors[0] (router): unknown field \"replica\" (did you mean \"replicas\"? \
+             known: name, kind, inputs, outputs, dlq, replicas, config)",
+            "processors[0] (router).config.rules[0] (r0).when: expected \")\" to close the \
+             \"(\" at column 1, found the end of the rule at column 13",
         ]
     );
 }
