@@ -94,6 +94,7 @@ struct Dev {
     key_file: PathBuf,
     sql_key_file: PathBuf,
     simulate: Option<(u32, u32)>,
+    webhook_url: Option<String>,
 }
 
 /// Counters the progress line and the drain read.
@@ -108,6 +109,8 @@ struct Counters {
     /// Whether a projector runs (the drain waits for it only then).
     projecting: bool,
     inferencer: Option<Arc<sluice_inferencer::Stats>>,
+    router: Option<Arc<sluice_action_router::Stats>>,
+    executor: Option<Arc<sluice_executor::Stats>>,
     simulator: Arc<sluice_simulator::Counters>,
 }
 
@@ -226,6 +229,7 @@ impl Dev {
             key_file,
             sql_key_file,
             simulate,
+            webhook_url: args.webhook_url.clone(),
         })
     }
 
@@ -244,8 +248,8 @@ impl Dev {
         let (ended_tx, mut ended) = mpsc::unbounded_channel();
         let mut edge_tasks = Tasks::new(&ended_tx);
         let mut core_tasks = Tasks::new(&ended_tx);
-        let mut not_built = Vec::new();
         let mut models = Vec::new();
+        let mut webhooks: Option<String> = None;
         let mut http_listener = self.http.take();
         let registry_listener = self.registry.take().expect("taken once");
         let http_addr = http_listener.as_ref().expect("taken once").local_addr()?;
@@ -443,7 +447,61 @@ impl Dev {
                         result.map_err(Into::into)
                     });
                 }
-                _ => not_built.push(p.name.clone()),
+                KindConfig::ActionRouter(_) => {
+                    let (router, config) = match crate::run::router_of(p) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            skip(e);
+                            continue;
+                        }
+                    };
+                    let router = Arc::new(router);
+                    counters.router = Some(router.stats());
+                    let (log, store, codec, token) = (
+                        self.log.clone(),
+                        self.store.clone(),
+                        codec.clone(),
+                        core.clone(),
+                    );
+                    core_tasks.spawn(name, async move {
+                        sluice_runtime::run(
+                            &*router,
+                            &config,
+                            &log,
+                            &*codec,
+                            &store,
+                            &sluice_runtime::NoMetrics,
+                            token,
+                        )
+                        .await
+                        .map_err(Into::into)
+                    });
+                }
+                KindConfig::Executor(_) => {
+                    let (settings, outbound, target) = match self.executor(p, core.clone()).await {
+                        Ok(e) => e,
+                        Err(e) => {
+                            skip(e);
+                            continue;
+                        }
+                    };
+                    webhooks = Some(target);
+                    let stats = Arc::new(sluice_executor::Stats::default());
+                    counters.executor = Some(stats.clone());
+                    let (log, store, codec, token) = (
+                        self.log.clone(),
+                        self.store.clone(),
+                        codec.clone(),
+                        core.clone(),
+                    );
+                    core_tasks.spawn(name, async move {
+                        sluice_executor::run::run(
+                            &settings, &log, &store, &*codec, outbound, &stats, token,
+                        )
+                        .await
+                        .map_err(Into::into)
+                    });
+                }
             }
         }
         let running: Vec<&str> = edge_tasks
@@ -458,7 +516,7 @@ impl Dev {
             registry_addr,
             sql_addrs,
             &running,
-            &not_built,
+            webhooks.as_deref(),
             &models,
         );
 
@@ -550,13 +608,61 @@ impl Dev {
         }
     }
 
+    /// The executor of `p` for `sluice dev`: every endpoint delivers to `--webhook-url`, else
+    /// to the demo receiver; a secret comes from its variable when set, else the dev secret
+    /// (which the demo receiver checks). Loopback is allowed. Also the banner's line.
+    async fn executor(
+        &self,
+        p: &sluice_topology::Processor,
+        token: CancellationToken,
+    ) -> Result<(sluice_executor::Settings, sluice_executor::Outbound, String)> {
+        let mut settings = crate::run::executor_settings(p)?;
+        let secret = crate::dev_webhooks::dev_secret(&self.data_dir)?;
+        let (url, line) = match &self.webhook_url {
+            Some(url) => (url.clone(), format!("{url} (--webhook-url)")),
+            None => {
+                let demo = crate::dev_webhooks::start(&self.data_dir, &secret, token).await?;
+                let line = format!(
+                    "{} (demo receiver: signed deliveries in {})",
+                    demo.url,
+                    demo.log.display()
+                );
+                (demo.url, line)
+            }
+        };
+        let config = &mut settings.config;
+        config.allow_private = true;
+        for endpoint in &mut config.endpoints {
+            endpoint.url = url.clone();
+        }
+        let destinations = sluice_executor::Destinations::from_config(config)
+            .map_err(|bad| anyhow!("executor allow_hosts: {} bad entries", bad.len()))?;
+        let endpoints = config
+            .endpoints
+            .iter()
+            .map(|e| {
+                let breaker =
+                    sluice_executor::Breaker::new(config.breaker_failures, config.breaker_cooldown);
+                sluice_executor::ResolvedEndpoint::from_vars(e.clone(), breaker, |var| {
+                    std::env::var(var).ok().or_else(|| Some(secret.clone()))
+                })
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let outbound = sluice_executor::Outbound {
+            deliverer: sluice_executor::Deliverer::new(destinations)?,
+            endpoints,
+            limits: sluice_executor::Limits::from_config(config),
+        };
+        Ok((settings, outbound, line))
+    }
+
     fn banner(
         &self,
         http: SocketAddr,
         registry: SocketAddr,
         sql: Option<(SocketAddr, SocketAddr)>,
         running: &[&str],
-        not_built: &[String],
+        webhooks: Option<&str>,
         models: &[String],
     ) {
         let dir = self.data_dir.display();
@@ -583,8 +689,8 @@ impl Dev {
         for line in models {
             println!("  model     {line}");
         }
-        if !not_built.is_empty() {
-            println!("  later     {} (not built yet)", not_built.join(", "));
+        if let Some(line) = webhooks {
+            println!("  webhooks  {line}");
         }
         if let Some((devices, rate)) = self.simulate {
             println!("  simulate  {devices} devices, {rate} events/s over MQTT");
@@ -731,6 +837,14 @@ fn spawn_progress(counters: Arc<Counters>, store: Store) -> JoinHandle<()> {
                     .inferencer
                     .as_ref()
                     .map_or(0, |s| s.anomalies.load(Ordering::Relaxed)),
+                actions = counters
+                    .router
+                    .as_ref()
+                    .map_or(0, |s| s.requested.load(Ordering::Relaxed)),
+                delivered = counters
+                    .executor
+                    .as_ref()
+                    .map_or(0, |s| s.delivered.load(Ordering::Relaxed)),
                 simulated = counters.simulator.sent.load(Ordering::Relaxed),
                 outbox,
                 "progress"
@@ -802,7 +916,7 @@ async fn ensure_dev_key(store: &Store, file: &Path, role: Role) -> Result<()> {
     write_private(file, &token).with_context(|| format!("cannot write {}", file.display()))
 }
 
-fn write_private(file: &Path, text: &str) -> std::io::Result<()> {
+pub(crate) fn write_private(file: &Path, text: &str) -> std::io::Result<()> {
     use std::io::Write;
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);

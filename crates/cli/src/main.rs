@@ -16,6 +16,7 @@ mod bench_query;
 mod cli;
 mod commands;
 mod dev;
+mod dev_webhooks;
 mod keys;
 mod query;
 mod run;

@@ -18,7 +18,7 @@ use sluice_topology::{Kind, KindConfig, Processor, Topology};
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::RunArgs;
-use crate::commands::{load_schemas, not_available, redact, runtime, schemas_for, usage_error};
+use crate::commands::{load_schemas, redact, runtime, schemas_for, usage_error};
 
 /// Partitions of a topic the topology does not declare.
 const DEFAULT_PARTITIONS: u32 = 6;
@@ -51,13 +51,8 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
         | Kind::HttpIngest
         | Kind::Projector
         | Kind::Inferencer
-        | Kind::Executor => {}
-        Kind::ActionRouter => {
-            return not_available(
-                &format!("run {} (kind {})", processor.name, processor.kind),
-                "a later issue (projections, inference and actions)",
-            );
-        }
+        | Kind::Executor
+        | Kind::ActionRouter => {}
     }
     // The bridge only moves bytes from the broker to the log; everything else has a store.
     let needs_store = processor.kind != Kind::MqttBridge;
@@ -148,7 +143,7 @@ impl Wiring<'_> {
             Kind::IngestValidator | Kind::Projector => {
                 p.inputs.iter().map(String::as_str).collect()
             }
-            Kind::Inferencer | Kind::Executor => p
+            Kind::Inferencer | Kind::Executor | Kind::ActionRouter => p
                 .inputs
                 .iter()
                 .chain(p.outputs.values())
@@ -174,6 +169,9 @@ impl Wiring<'_> {
             }
             (Kind::Executor, Some(store)) => {
                 self.executor(&log, store, self.schemas()?, token).await
+            }
+            (Kind::ActionRouter, Some(store)) => {
+                self.router(&log, store, self.schemas()?, token).await
             }
             (_, Some(store)) => self.relay(&log, store, token).await,
             (_, None) => bail!("{} needs a store", p.name),
@@ -499,6 +497,64 @@ impl Wiring<'_> {
         result
     }
 
+    async fn router<L: Log>(
+        &self,
+        log: &L,
+        store: &Store,
+        schemas: AnySchemas,
+        token: CancellationToken,
+    ) -> Result<()> {
+        let p = self.processor;
+        let (router, config) = router_of(p)?;
+        let router = Arc::new(router);
+        let stats = router.stats();
+        let codec = EventCodec::new(schemas);
+        tracing::info!(
+            processor = %p.name,
+            kind = %p.kind,
+            inputs = ?p.inputs,
+            rules = router.rules(),
+            log = %self.log_url,
+            store = %redact(self.store_url),
+            "started"
+        );
+        let progress = {
+            let stats = stats.clone();
+            let name = p.name.clone();
+            every(PROGRESS_EVERY, move || {
+                tracing::info!(
+                    processor = %name,
+                    requested = stats.requested.load(Ordering::Relaxed),
+                    denied = stats.denied.load(Ordering::Relaxed),
+                    suppressed = stats.suppressed.load(Ordering::Relaxed),
+                    deduplicated = stats.deduplicated.load(Ordering::Relaxed),
+                    rate_limited = stats.rate_limited.load(Ordering::Relaxed),
+                    eval_errors = stats.eval_errors.load(Ordering::Relaxed),
+                    "progress"
+                );
+            })
+        };
+        let result = sluice_runtime::run(
+            &*router,
+            &config,
+            log,
+            &codec,
+            store,
+            &sluice_runtime::NoMetrics,
+            token,
+        )
+        .await
+        .map_err(anyhow::Error::from);
+        progress.abort();
+        tracing::info!(
+            processor = %p.name,
+            requested = stats.requested.load(Ordering::Relaxed),
+            ok = result.is_ok(),
+            "stopped"
+        );
+        result
+    }
+
     async fn executor<L: Log>(
         &self,
         log: &L,
@@ -675,6 +731,21 @@ pub(crate) fn inferencer_settings(p: &Processor) -> sluice_inferencer::Settings 
         _ => sluice_inferencer::InferencerConfig::default(),
     };
     sluice_inferencer::Settings::new(&p.name, config)
+}
+
+/// The action router of a topology processor, and its processor-loop settings.
+pub(crate) fn router_of(
+    p: &Processor,
+) -> Result<(sluice_action_router::Router, sluice_runtime::RuntimeConfig)> {
+    let config = match &p.config {
+        KindConfig::ActionRouter(config) => config.clone(),
+        _ => sluice_topology::ActionRouterConfig::default(),
+    };
+    let router = sluice_action_router::Router::new(&p.name, &config)?;
+    let inputs: Vec<&str> = p.inputs.iter().map(String::as_str).collect();
+    let mut runtime = sluice_runtime::RuntimeConfig::new(&p.name, &inputs);
+    runtime.ports = p.outputs.clone();
+    Ok((router, runtime))
 }
 
 /// The executor's settings: its input (`actions.requested`) and its `results` port.

@@ -391,7 +391,7 @@ fn simulate_without_a_reachable_target_exits_1_with_the_reason() {
 }
 
 #[test]
-fn dev_scores_readings_with_the_shipped_model_and_serves_its_anomalies() {
+fn dev_scores_readings_and_an_anomaly_reaches_sql_and_a_signed_webhook() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let dev = Dev::start(&data, &[]);
@@ -429,5 +429,29 @@ fn dev_scores_readings_with_the_shipped_model_and_serves_its_anomalies() {
         assert!(Instant::now() < deadline, "no anomaly served: {found}");
         std::thread::sleep(Duration::from_millis(200));
     }
+    // The router asked for an alert and the executor delivered it, signed, to the demo
+    // receiver, which checked the signature.
+    assert!(
+        dev.banner["webhooks"].contains("demo receiver"),
+        "{:?}",
+        dev.banner
+    );
+    let webhooks = data.join("webhooks.jsonl");
+    let delivered = loop {
+        let text = std::fs::read_to_string(&webhooks).unwrap_or_default();
+        if let Some(line) = text.lines().find(|l| l.contains("Anomaly on dev-9")) {
+            break serde_json::from_str::<Value>(line).unwrap();
+        }
+        assert!(Instant::now() < deadline, "no webhook delivered: {text}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(delivered["verified"], true, "{delivered}");
+    assert!(
+        delivered["body"]["text"]
+            .as_str()
+            .unwrap()
+            .contains("from reading-iforest 1"),
+        "{delivered}"
+    );
     dev.stop();
 }
