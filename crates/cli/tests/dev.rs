@@ -446,6 +446,15 @@ fn dev_scores_readings_and_an_anomaly_reaches_sql_and_a_signed_webhook() {
         std::thread::sleep(Duration::from_millis(200));
     };
     assert_eq!(delivered["verified"], true, "{delivered}");
+    // The action ledger is served over SQL.
+    loop {
+        let ledger = dev.sql("SELECT endpoint, outcome, http_status FROM action_ledger");
+        if ledger.contains("ops-webhook,delivered,204") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no ledger row served: {ledger}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     assert!(
         delivered["body"]["text"]
             .as_str()

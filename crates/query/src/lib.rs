@@ -337,10 +337,46 @@ const ANOMALY_COLUMNS: [(&str, ColumnType); 11] = [
     ("projected_at", ColumnType::Timestamp),
 ];
 
+/// The executor's actions (`destructive` is left out: the typed reads have no boolean).
+const ACTION_COLUMNS: [(&str, ColumnType); 18] = [
+    ("action_id", ColumnType::Uuid),
+    ("input_event_id", ColumnType::Uuid),
+    ("rule_id", ColumnType::Text),
+    ("rule_version", ColumnType::Int),
+    ("endpoint", ColumnType::Text),
+    ("device_id", ColumnType::Text),
+    ("body", ColumnType::Text),
+    ("requested_at", ColumnType::Timestamp),
+    ("source_topic", ColumnType::Text),
+    ("source_partition", ColumnType::Int),
+    ("source_offset", ColumnType::Int),
+    ("status", ColumnType::Text),
+    ("attempts", ColumnType::Int),
+    ("next_attempt_at", ColumnType::Timestamp),
+    ("last_error", ColumnType::Text),
+    ("last_http_status", ColumnType::Int),
+    ("updated_at", ColumnType::Timestamp),
+    ("delivered_at", ColumnType::Timestamp),
+];
+
+/// The action ledger: one row per attempt or decision.
+const LEDGER_COLUMNS: [(&str, ColumnType); 10] = [
+    ("id", ColumnType::Int),
+    ("action_id", ColumnType::Uuid),
+    ("request_id", ColumnType::Uuid),
+    ("endpoint", ColumnType::Text),
+    ("attempt", ColumnType::Int),
+    ("outcome", ColumnType::Text),
+    ("http_status", ColumnType::Int),
+    ("latency_ms", ColumnType::Int),
+    ("error", ColumnType::Text),
+    ("at", ColumnType::Timestamp),
+];
+
 impl Engine {
     /// An engine over `hot` and the store: `public` holds the hot tables (`readings`,
-    /// `readings_1h`, `device_latest`) and the store's `events`, `dlq`, `readings_1m` and
-    /// `anomalies`;
+    /// `readings_1h`, `device_latest`) and the store's `events`, `dlq`, `readings_1m`,
+    /// `anomalies`, and the executor's `actions` and `action_ledger`;
     /// schema `store` holds the store's own read models of `version` (the full `readings`
     /// history, `readings_1h`, `device_latest`).
     pub fn new(
@@ -401,6 +437,14 @@ impl Engine {
         reg("readings_1m", cold("readings_1m", rollup_columns(), &live))?;
         let anomalies = columns(&ANOMALY_COLUMNS);
         reg("anomalies", cold("anomalies", anomalies.clone(), &live))?;
+        reg(
+            "actions",
+            cold("actions", columns(&ACTION_COLUMNS), &vec![]),
+        )?;
+        reg(
+            "action_ledger",
+            cold("action_ledger", columns(&LEDGER_COLUMNS), &vec![]),
+        )?;
         let store_schema = Arc::new(MemorySchemaProvider::new());
         ctx.catalog("datafusion")
             .ok_or_else(|| QueryError::Internal("no default catalog".into()))?
