@@ -733,8 +733,20 @@ fn run_without_a_store_is_a_usage_error() {
 
 /// `sluice run <processor>` on `dir`'s embedded log and `store`, stderr drained on a thread.
 fn spawn_run(processor: &str, dir: &Path, store: &str) -> std::process::Child {
+    spawn_run_with(processor, "topologies/default.yaml", &[], dir, store)
+}
+
+/// `sluice run <processor>` on `topology` with `env` set.
+fn spawn_run_with(
+    processor: &str,
+    topology: &str,
+    env: &[(&str, &str)],
+    dir: &Path,
+    store: &str,
+) -> std::process::Child {
     let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["run", processor, "--topology", "topologies/default.yaml"])
+        .args(["run", processor, "--topology", topology])
+        .envs(env.iter().copied())
         .arg("--log")
         .arg(format!("embedded://{}/log", dir.display()))
         .args(["--store", store, "--migrate"])
@@ -1117,4 +1129,153 @@ fn bench_executor_prints_signed_and_plain_delivery_rates_and_the_short_circuit_c
         assert!(report[field].as_f64().unwrap() > 0.0, "{field}: {report}");
     }
     assert!(report["p99_ms"].as_f64().unwrap() >= report["p50_ms"].as_f64().unwrap());
+}
+
+/// A webhook receiver on its own thread that records every webhook-id it is sent, answering
+/// 204 after `delay` so that deliveries are in flight when a test kills the sender.
+fn webhook_log(delay: Duration) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let ids = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = ids.clone();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                tx.send(listener.local_addr().unwrap()).unwrap();
+                let app = axum::Router::new().fallback(move |headers: axum::http::HeaderMap| {
+                    let seen = seen.clone();
+                    async move {
+                        tokio::time::sleep(delay).await;
+                        let id = headers
+                            .get("webhook-id")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or_default()
+                            .to_owned();
+                        seen.lock().unwrap().push(id);
+                        axum::http::StatusCode::NO_CONTENT
+                    }
+                });
+                axum::serve(listener, app).await.unwrap();
+            });
+    });
+    let addr = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    (format!("http://{addr}/hooks/sluice"), ids)
+}
+
+#[test]
+fn kill_9_of_the_executor_mid_delivery_delivers_every_action_once_per_webhook_id() {
+    const N: usize = 600;
+    const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let dir = tempfile::tempdir().unwrap();
+    let store_url = format!("sqlite://{}/s.db", dir.path().display());
+    let (url, received) = webhook_log(Duration::from_millis(5));
+    // The default topology, delivering to this test's receiver; a short timeout keeps the
+    // claims of the killed executor (timeout + 5 s) from holding the test up long.
+    let topology = dir.path().join("topology.yaml");
+    let text = fs::read_to_string(repo().join("topologies/default.yaml"))
+        .unwrap()
+        .replace("http://127.0.0.1:9000/hooks/sluice", &url)
+        .replace("timeout: 30s", "timeout: 1s");
+    fs::write(&topology, text).unwrap();
+    let topology = topology.to_str().unwrap();
+    let actions: Vec<uuid::Uuid> = block_on(async {
+        use sluice_log::{Log, Producer};
+        let log =
+            sluice_log::EmbeddedLog::from_url(&format!("embedded://{}/log", dir.path().display()))
+                .unwrap();
+        log.create_topic(&sluice_log::TopicSpec::new("actions.requested", 6))
+            .await
+            .unwrap();
+        let registry = std::sync::Arc::new(sluice_schemas::Registry::in_memory());
+        registry
+            .register_dir(&sluice_schemas::SchemaDir::load(&repo().join("schemas")).unwrap())
+            .unwrap();
+        let codec = sluice_schemas::EventCodec::new(registry);
+        let mut ids = Vec::new();
+        let mut records = Vec::new();
+        for i in 0..N {
+            let device = format!("dev-{}", i % 50);
+            let event = sluice_core::Event::new(
+                sluice_core::EventType::new("action.requested").unwrap(),
+                &device,
+                chrono::Utc::now(),
+                serde_json::json!({
+                    "input_event_id": uuid::Uuid::new_v4().to_string(),
+                    "rule_id": "anomaly-alert", "rule_version": 2, "endpoint": "ops-webhook",
+                    "destructive": false, "denied": false, "suppressed": false,
+                    "body": serde_json::json!({"text": format!("alert {i}")}).to_string(),
+                }),
+                sluice_core::Source::Processor("action-router".into()),
+            )
+            .unwrap();
+            ids.push(event.event_id);
+            let (value, _) = codec.encode(&event).await.unwrap();
+            records.push(sluice_log::Record {
+                key: Some(device.into_bytes()),
+                value,
+                ..sluice_log::Record::default()
+            });
+        }
+        log.producer()
+            .unwrap()
+            .send("actions.requested", records)
+            .await
+            .unwrap();
+        ids
+    });
+    let store = block_on(Store::connect(&store_url, StoreOptions::default())).unwrap();
+    block_on(store.migrate()).unwrap();
+    let env = [("SLUICE_OPS_WEBHOOK_SECRET", SECRET)];
+
+    let executor = spawn_run_with("executor", topology, &env, dir.path(), &store_url);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while received.lock().unwrap().len() < N / 4 {
+        assert!(Instant::now() < deadline, "no deliveries under way");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    stop(executor, "-KILL");
+    let at_kill = received.lock().unwrap().len();
+    assert!(
+        at_kill < N,
+        "killed mid-delivery ({at_kill} of {N} delivered)"
+    );
+    let executor = spawn_run_with("executor", topology, &env, dir.path(), &store_url);
+    let distinct = || {
+        received
+            .lock()
+            .unwrap()
+            .iter()
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while distinct() < N {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {N} delivered",
+            distinct()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    wait_for("every action recorded delivered", &store, async |s| {
+        s.actions_pending().await.unwrap() == 0
+    });
+    stop(executor, "-TERM");
+    let got = received.lock().unwrap().clone();
+    let expected: std::collections::HashSet<String> =
+        actions.iter().map(ToString::to_string).collect();
+    let ids: std::collections::HashSet<String> = got.iter().cloned().collect();
+    assert_eq!(ids, expected, "every action reached the receiver");
+    // Only what was in flight at the kill (its record lost with the process) was sent again,
+    // under the same webhook-id, which the receiver deduplicates on.
+    let resent = got.len() - ids.len();
+    println!("killed after {at_kill} of {N} deliveries; {resent} sent again after the restart");
+    assert!(resent <= 64, "{resent} deliveries sent twice");
+    for id in &actions {
+        let row = block_on(store.action(*id)).unwrap().unwrap();
+        assert_eq!(row.status, sluice_store::ActionStatus::Delivered);
+    }
 }

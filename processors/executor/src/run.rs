@@ -82,7 +82,8 @@ impl Settings {
             max_wait: Duration::from_millis(50),
             claim_batch: 256,
             concurrency: 64,
-            lease: longest + Duration::from_secs(30),
+            // Past the longest attempt: a claim dies with its executor only this much later.
+            lease: longest + Duration::from_secs(5),
             idle: Duration::from_millis(20),
             max_backoff: Duration::from_secs(30),
         }
