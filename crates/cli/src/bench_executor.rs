@@ -40,6 +40,11 @@ pub struct ExecutorReport {
     pub p99_ms: f64,
     /// What one delivery to an endpoint whose breaker is open costs, µs.
     pub short_circuit_us: f64,
+    /// Signed deliveries per second to the receiver while as many go to a dead endpoint.
+    pub with_dead_endpoint_per_s: f64,
+    /// 1 - with_dead_endpoint_per_s / delivered_per_s: the share of throughput a dead
+    /// endpoint costs the healthy one.
+    pub dead_endpoint_cost: f64,
 }
 
 pub fn bench_executor(args: &BenchExecutorArgs) -> Result<ExitCode> {
@@ -108,6 +113,27 @@ pub fn bench_executor(args: &BenchExecutorArgs) -> Result<ExitCode> {
         }
         let short_circuit_us = started.elapsed().as_secs_f64() * 1e6 / f64::from(n);
 
+        // The healthy endpoint again, with a dead one taking the same number of deliveries
+        // beside it (they fail, open its breaker, then short-circuit).
+        let dead_too = ResolvedEndpoint::from_vars(
+            endpoint_at("dead-too", &dead_url()),
+            Breaker::new(5, Duration::from_secs(300)),
+            |_| Some(SECRET.to_owned()),
+        )?;
+        let started = Instant::now();
+        let (healthy, _) = tokio::join!(
+            run_signed(&deliverer, &target, &body, args.deliveries, args.concurrency),
+            futures::stream::iter(0..args.deliveries)
+                .map(|i| {
+                    let (deliverer, dead, body) = (&deliverer, &dead_too, &body);
+                    async move { deliverer.attempt(dead, &format!("dead_{i}"), body).await }
+                })
+                .buffer_unordered(args.concurrency)
+                .count()
+        );
+        healthy?;
+        let with_dead_endpoint_per_s = args.deliveries as f64 / started.elapsed().as_secs_f64();
+
         latencies.sort();
         let pct = |p: f64| {
             latencies[((latencies.len() - 1) as f64 * p) as usize].as_secs_f64() * 1000.0
@@ -122,6 +148,8 @@ pub fn bench_executor(args: &BenchExecutorArgs) -> Result<ExitCode> {
             p50_ms: pct(0.5),
             p99_ms: pct(0.99),
             short_circuit_us,
+            with_dead_endpoint_per_s,
+            dead_endpoint_cost: 1.0 - with_dead_endpoint_per_s / delivered_per_s,
         };
         eprintln!(
             "bench executor: the receiver got {} requests",
@@ -141,6 +169,11 @@ pub fn bench_executor(args: &BenchExecutorArgs) -> Result<ExitCode> {
             println!(
                 "short-circuited delivery to a dead endpoint: {:.2} µs",
                 report.short_circuit_us
+            );
+            println!(
+                "with a dead endpoint beside it: {:.0} deliveries/s ({:+.1} % of the healthy rate)",
+                report.with_dead_endpoint_per_s,
+                -100.0 * report.dead_endpoint_cost
             );
         }
         Ok(ExitCode::SUCCESS)

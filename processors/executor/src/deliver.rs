@@ -287,10 +287,7 @@ impl Deliverer {
             let error = refusal.to_string();
             return Attempt::unsent(Status::Refused(refusal), error);
         }
-        let headers = match signed_headers(&endpoint.secret, id, body) {
-            Ok(headers) => headers,
-            Err(error) => return Attempt::unsent(Status::Failed { retryable: false }, error),
-        };
+        // The breaker first: a short-circuited delivery costs no signing.
         if let Admit::ShortCircuit { until } = endpoint.breaker.admit(now) {
             let error = format!(
                 "circuit breaker of endpoint `{}` is open for {:.0?} more",
@@ -299,6 +296,10 @@ impl Deliverer {
             );
             return Attempt::unsent(Status::ShortCircuited { until }, error);
         }
+        let headers = match signed_headers(&endpoint.secret, id, body) {
+            Ok(headers) => headers,
+            Err(error) => return Attempt::unsent(Status::Failed { retryable: false }, error),
+        };
 
         let timeout = endpoint.endpoint.timeout;
         let started = Instant::now();
