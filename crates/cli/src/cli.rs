@@ -88,11 +88,11 @@ pub struct DevArgs {
     /// free port if busy].
     #[arg(long, env = "SLUICE__PG_ADDR")]
     pub pg_addr: Option<SocketAddr>,
-    /// The topology [default: topologies/default.yaml if present, else the built-in one].
     /// Where the executor delivers actions; default: a demo receiver in this process that
     /// checks the signatures and appends the deliveries to `DIR/webhooks.jsonl`.
     #[arg(long, env = "SLUICE__WEBHOOK_URL")]
     pub webhook_url: Option<String>,
+    /// The topology [default: topologies/default.yaml if present, else the built-in one].
     #[arg(long, env = "SLUICE__TOPOLOGY")]
     pub topology: Option<PathBuf>,
     /// The schemas folder [default: ./schemas if present, else the built-in schemas].
