@@ -410,24 +410,7 @@ impl Dev {
                         sluice_inferencer::Inferencer::start(settings, Some(self.store.clone()))
                             .await,
                     );
-                    for input in &p.inputs {
-                        let Some(subject) = self
-                            .topology
-                            .topic(input)
-                            .and_then(|t| t.subject.as_deref())
-                        else {
-                            continue;
-                        };
-                        models.push(match inferencer.model_of(subject) {
-                            Some((model, version)) => {
-                                format!("{subject}: {model} version {version}")
-                            }
-                            None => format!(
-                                "{subject}: {} fallback (the log says why no model)",
-                                sluice_inferencer::FALLBACK_MODEL
-                            ),
-                        });
-                    }
+                    models.extend(crate::run::model_lines(&self.topology, p, &inferencer));
                     counters.inferencer = Some(inferencer.stats());
                     let (log, store, codec, token) = (
                         self.log.clone(),
@@ -639,24 +622,11 @@ impl Dev {
         for endpoint in &mut config.endpoints {
             endpoint.url = url.clone();
         }
-        let destinations = sluice_executor::Destinations::from_config(config)
-            .map_err(|bad| anyhow!("executor allow_hosts: {} bad entries", bad.len()))?;
-        let endpoints = config
-            .endpoints
-            .iter()
-            .map(|e| {
-                let breaker =
-                    sluice_executor::Breaker::new(config.breaker_failures, config.breaker_cooldown);
-                sluice_executor::ResolvedEndpoint::from_vars(e.clone(), breaker, |var| {
-                    std::env::var(var).ok().or_else(|| Some(secret.clone()))
-                })
+        let outbound = crate::run::executor_outbound_with(config, |endpoint, breaker| {
+            sluice_executor::ResolvedEndpoint::from_vars(endpoint, breaker, |var| {
+                std::env::var(var).ok().or_else(|| Some(secret.clone()))
             })
-            .collect::<std::result::Result<Vec<_>, _>>()?;
-        let outbound = sluice_executor::Outbound {
-            deliverer: sluice_executor::Deliverer::new(destinations)?,
-            endpoints,
-            limits: sluice_executor::Limits::from_config(config),
-        };
+        })?;
         Ok((settings, outbound, line))
     }
 

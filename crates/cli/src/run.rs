@@ -436,15 +436,7 @@ impl Wiring<'_> {
             Arc::new(sluice_inferencer::Inferencer::start(settings, Some(store.clone())).await);
         let codec = EventCodec::new(schemas);
         let stats = inferencer.stats();
-        let models: Vec<String> = p
-            .inputs
-            .iter()
-            .filter_map(|t| self.topology.topic(t).and_then(|t| t.subject.clone()))
-            .map(|subject| match inferencer.model_of(&subject) {
-                Some((name, version)) => format!("{subject}: {name} version {version}"),
-                None => format!("{subject}: {}", sluice_inferencer::FALLBACK_MODEL),
-            })
-            .collect();
+        let models = model_lines(self.topology, p, &inferencer);
         tracing::info!(
             processor = %p.name,
             kind = %p.kind,
@@ -770,16 +762,47 @@ pub(crate) fn executor_settings(p: &Processor) -> Result<sluice_executor::Settin
 pub(crate) fn executor_outbound(
     config: &sluice_topology::ExecutorConfig,
 ) -> Result<sluice_executor::Outbound> {
+    executor_outbound_with(config, sluice_executor::ResolvedEndpoint::from_env)
+}
+
+/// [`executor_outbound`] with each endpoint's secret found by `resolve`.
+pub(crate) fn executor_outbound_with(
+    config: &sluice_topology::ExecutorConfig,
+    resolve: impl Fn(
+        sluice_topology::Endpoint,
+        sluice_executor::Breaker,
+    ) -> sluice_executor::Result<sluice_executor::ResolvedEndpoint>,
+) -> Result<sluice_executor::Outbound> {
     let destinations = sluice_executor::Destinations::from_config(config).map_err(|bad| {
         let bad: Vec<String> = bad.iter().map(ToString::to_string).collect();
         anyhow!("executor allow_hosts: {}", bad.join("; "))
     })?;
-    let endpoints = sluice_executor::resolve_endpoints(config, &destinations)?;
+    let endpoints = sluice_executor::resolve_endpoints_with(config, &destinations, resolve)?;
     Ok(sluice_executor::Outbound {
         deliverer: sluice_executor::Deliverer::new(destinations)?,
         endpoints,
         limits: sluice_executor::Limits::from_config(config),
     })
+}
+
+/// What scores each input of inferencer `p`, a line per event type: the model and version,
+/// or the fallback.
+pub(crate) fn model_lines(
+    topology: &Topology,
+    p: &Processor,
+    inferencer: &sluice_inferencer::Inferencer,
+) -> Vec<String> {
+    p.inputs
+        .iter()
+        .filter_map(|t| topology.topic(t).and_then(|t| t.subject.as_deref()))
+        .map(|subject| match inferencer.model_of(subject) {
+            Some((name, version)) => format!("{subject}: {name} version {version}"),
+            None => format!(
+                "{subject}: {} fallback (the log says why no model)",
+                sluice_inferencer::FALLBACK_MODEL
+            ),
+        })
+        .collect()
 }
 
 /// The processor loop's settings for an inferencer: its inputs and outputs, and the model's

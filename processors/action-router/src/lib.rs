@@ -155,14 +155,14 @@ impl Router {
                 }
             }
             let device = &event.aggregate_id;
-            if let Some(last) = rule.fired.get(device)
-                && last != event.event_id
-            {
+            let last = rule.fired.get(device);
+            if last.is_some_and(|last| last != event.event_id) {
                 self.stats.deduplicated.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
+            // A retry of the event that fired already counted against the limit.
             if let Some(limiter) = &rule.limiter
-                && rule.fired.get(device).is_none()
+                && last.is_none()
                 && limiter.check().is_err()
             {
                 self.stats.rate_limited.fetch_add(1, Ordering::Relaxed);

@@ -132,12 +132,22 @@ impl ResolvedEndpoint {
     }
 }
 
-/// Resolves every endpoint of `config`: URL, secret from the environment, breaker settings,
-/// and the destination policy for what can be checked before DNS. Returns every problem at
-/// once (a startup error), not just the first.
+/// Resolves every endpoint of `config` with [`resolve_endpoints_with`] and secrets from the
+/// environment ([`ResolvedEndpoint::from_env`]).
 pub fn resolve_endpoints(
     config: &ExecutorConfig,
     destinations: &Destinations,
+) -> Result<Vec<ResolvedEndpoint>> {
+    resolve_endpoints_with(config, destinations, ResolvedEndpoint::from_env)
+}
+
+/// Resolves every endpoint of `config`: URL, secret (by `resolve`), breaker settings,
+/// and the destination policy for what can be checked before DNS. Returns every problem at
+/// once (a startup error), not just the first.
+pub fn resolve_endpoints_with(
+    config: &ExecutorConfig,
+    destinations: &Destinations,
+    resolve: impl Fn(Endpoint, Breaker) -> Result<ResolvedEndpoint>,
 ) -> Result<Vec<ResolvedEndpoint>> {
     let mut endpoints = Vec::new();
     let mut problems = Vec::new();
@@ -150,7 +160,7 @@ pub fn resolve_endpoints(
             continue;
         }
         let breaker = Breaker::new(config.breaker_failures, config.breaker_cooldown);
-        match ResolvedEndpoint::from_env(endpoint.clone(), breaker) {
+        match resolve(endpoint.clone(), breaker) {
             Ok(resolved) => match destinations.check_url(&resolved.url) {
                 Ok(()) => endpoints.push(resolved),
                 Err(refusal) => problems.push(Error::Destination {

@@ -21,7 +21,10 @@ pub mod run;
 pub mod sign;
 
 pub use breaker::{Admit, Breaker};
-pub use deliver::{Attempt, Deliverer, ResolvedEndpoint, Status, backoff, resolve_endpoints};
+pub use deliver::{
+    Attempt, Deliverer, ResolvedEndpoint, Status, backoff, resolve_endpoints,
+    resolve_endpoints_with,
+};
 pub use guard::{Destinations, Refusal};
 pub use limit::{Limits, Rate};
 pub use run::{Outbound, RunError, Settings, Stats};

@@ -26,11 +26,14 @@ pub const PER_METRIC: usize = 3;
 pub const WIDTH: usize = METRICS.len() * PER_METRIC;
 
 /// The feature names, in the order the model takes them.
-pub fn names() -> Vec<String> {
-    METRICS
-        .iter()
-        .flat_map(|m| ["z", "dz", "repeats"].map(|f| format!("{m}.{f}")))
-        .collect()
+pub fn names() -> &'static [String] {
+    static NAMES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    NAMES.get_or_init(|| {
+        METRICS
+            .iter()
+            .flat_map(|m| ["z", "dz", "repeats"].map(|f| format!("{m}.{f}")))
+            .collect()
+    })
 }
 
 /// The state machine's parameters (`feature_params` in a model's metadata).

@@ -323,10 +323,7 @@ impl Inferencer {
             "battery_pct",
         ];
         let store = self.store.as_ref()?;
-        let fields = match self.slots.get(sluice_core::EventType::SENSOR_READING) {
-            Some(slot) => slot.fields.clone(),
-            None => features::METRICS.map(str::to_owned),
-        };
+        let fields = self.fields(EventType::SENSOR_READING);
         if !fields.iter().all(|f| COLUMNS.contains(&f.as_str())) {
             return None;
         }
@@ -386,10 +383,14 @@ impl Inferencer {
         Some(rows.into_iter().map(|(_, v)| v).collect())
     }
 
-    fn fields(&self, event_type: &str) -> [String; features::METRICS.len()] {
+    /// The payload field of each metric for `event_type`: its model's mapping, else the
+    /// metrics' own names.
+    fn fields(&self, event_type: &str) -> &[String; features::METRICS.len()] {
+        static OWN: std::sync::OnceLock<[String; features::METRICS.len()]> =
+            std::sync::OnceLock::new();
         match self.slots.get(event_type) {
-            Some(slot) => slot.fields.clone(),
-            None => features::METRICS.map(str::to_owned),
+            Some(slot) => &slot.fields,
+            None => OWN.get_or_init(|| features::METRICS.map(str::to_owned)),
         }
     }
 
@@ -453,7 +454,13 @@ impl Inferencer {
                 Plan::Model(at, _) => &rows[at * features::WIDTH..(at + 1) * features::WIDTH],
                 _ => &[],
             };
-            let batch: Vec<f32> = members.iter().flat_map(|&i| row(i).to_vec()).collect();
+            // One model for the whole batch (the usual case) scores `rows` as they are.
+            let batch: std::borrow::Cow<'_, [f32]> =
+                if members.len() * features::WIDTH == rows.len() {
+                    std::borrow::Cow::Borrowed(&rows)
+                } else {
+                    members.iter().flat_map(|&i| row(i).to_vec()).collect()
+                };
             match model.score(&batch) {
                 Ok(s) => scores.extend(members.iter().zip(s).map(|(&i, s)| (i, Ok(s)))),
                 // Find the rows the model fails on; the others are scored alone.
@@ -549,9 +556,9 @@ impl Inferencer {
             self.stats.anomalies.fetch_add(1, Ordering::Relaxed);
         }
         let features: serde_json::Map<String, Value> = features::names()
-            .into_iter()
+            .iter()
             .zip(row)
-            .map(|(name, &x)| (name, json!(f64::from(x))))
+            .map(|(name, &x)| (name.clone(), json!(f64::from(x))))
             .collect();
         let payload = json!({
             "input_event_id": event.event_id.to_string(),
