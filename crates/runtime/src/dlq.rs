@@ -26,6 +26,10 @@ pub struct DeadLetter {
     pub schema_id: Option<u32>,
     /// The message value exactly as consumed.
     pub raw: Vec<u8>,
+    /// The message key, so a re-drive lands on the same partition.
+    pub key: Option<Vec<u8>>,
+    /// The message headers, in order, so a re-drive carries them again.
+    pub headers: Vec<(String, Vec<u8>)>,
     /// A short fixed code: `decode`, `output_schema`, or the processor's reason.
     pub error_class: &'static str,
     /// The human message.
@@ -34,6 +38,14 @@ pub struct DeadLetter {
     pub attempts: u32,
     /// When it was given up on.
     pub failed_at: DateTime<Utc>,
+}
+
+/// A message's headers as the DLQ keeps them.
+pub fn header_pairs(headers: &[sluice_log::Header]) -> Vec<(String, Vec<u8>)> {
+    headers
+        .iter()
+        .map(|h| (h.key.clone(), h.value.clone()))
+        .collect()
 }
 
 /// Stores dead letters durably.

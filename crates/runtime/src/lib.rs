@@ -26,7 +26,7 @@ use sluice_log::{Consumer, Header, Log, Message, Producer, Record, TopicPartitio
 use sluice_schemas::{EventCodec, SchemaSource};
 use tokio_util::sync::CancellationToken;
 
-pub use dlq::{DeadLetter, DlqSink, MemoryDlq};
+pub use dlq::{DeadLetter, DlqSink, MemoryDlq, header_pairs};
 pub use metrics::{CountingMetrics, Metrics, NoMetrics};
 
 /// Any error, boxed.
@@ -648,6 +648,8 @@ where
                 .ok()
                 .map(|(id, _)| id),
             raw: msg.value.clone(),
+            key: msg.key.clone(),
+            headers: dlq::header_pairs(&msg.headers),
             error_class: class,
             error_message: detail.to_owned(),
             attempts,

@@ -151,11 +151,15 @@ enum Inner {
 macro_rules! dispatch {
     ($self:ident . $method:ident ( $($arg:expr),* )) => {
         match &$self.inner {
-            Inner::Postgres(s) => s.$method($($arg),*).await,
-            Inner::Sqlite(s) => s.$method($($arg),*).await,
+            $crate::Inner::Postgres(s) => s.$method($($arg),*).await,
+            $crate::Inner::Sqlite(s) => s.$method($($arg),*).await,
         }
     };
 }
+pub(crate) use dispatch;
+
+mod ops;
+pub use ops::{AuditEntry, JobState, NewReplayJob, ProjectionVersion, ReplayJob, VersionState};
 
 impl Store {
     /// Opens the store at `url`: `postgres://...` / `postgresql://...`, or `sqlite://PATH`
@@ -282,9 +286,16 @@ impl Store {
         dispatch!(self.dlq_get(id))
     }
 
-    /// Moves pending dead letters to `status` (replayed or discarded), recording who and when.
-    /// Entries not pending are left alone. Returns how many changed.
-    pub async fn dlq_set_status(&self, ids: &[i64], status: DlqStatus, who: &str) -> Result<u64> {
+    /// Moves pending dead letters to `status` (replayed or discarded), recording who, when
+    /// and `reason`, with one audit row per entry changed, in one transaction. Entries not
+    /// pending are left alone. Returns the ids changed, ascending.
+    pub async fn dlq_set_status(
+        &self,
+        ids: &[i64],
+        status: DlqStatus,
+        who: &str,
+        reason: Option<&str>,
+    ) -> Result<Vec<i64>> {
         if status == DlqStatus::Pending {
             return Err(Error::InvalidArgument {
                 op: "dlq_set_status",
@@ -292,7 +303,7 @@ impl Store {
                     .to_owned(),
             });
         }
-        dispatch!(self.dlq_set_status(ids, status, who, prepare::trunc(Utc::now())))
+        dispatch!(self.dlq_set_status(ids, status, who, reason, prepare::trunc(Utc::now())))
     }
 
     /// Dead letters by processor, error class and status.

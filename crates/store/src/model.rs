@@ -209,6 +209,10 @@ pub struct DlqEntry {
     pub schema_id: Option<u32>,
     /// The message value exactly as consumed.
     pub raw: Vec<u8>,
+    /// The message key.
+    pub key: Option<Vec<u8>>,
+    /// The message headers, in order.
+    pub headers: Vec<(String, Vec<u8>)>,
     /// The payload decoded, when possible.
     pub decoded: Option<serde_json::Value>,
     /// Short fixed code (a metric label).
@@ -225,6 +229,8 @@ pub struct DlqEntry {
     pub status_changed_by: Option<String>,
     /// When the status was last changed.
     pub status_changed_at: Option<DateTime<Utc>>,
+    /// Why it was discarded (or the note given with a re-drive).
+    pub reason: Option<String>,
 }
 
 /// Which dead letters to list. Results are ordered by id; page with `after_id`.

@@ -25,6 +25,7 @@ use crate::prepare::{DeadRow, EventRow, Prepared, from_micros, micros};
 use crate::{Error, ListenerInner, OUTBOX_CHANNEL, OutboxListener, Result, StoreOptions};
 
 mod actions;
+mod ops;
 mod projections;
 
 static MIGRATOR: Migrator = sqlx::migrate!("../../sql/postgres");
@@ -41,7 +42,7 @@ const EVENT_COLUMNS: &str =
 
 const DLQ_COLUMNS: &str = "dlq_id, processor, event_id, source_topic, source_partition, \
      source_offset, schema_id, raw, decoded, error_class, error_message, failed_at, attempts, \
-     status, status_changed_by, status_changed_at";
+     status, status_changed_by, status_changed_at, raw_key, headers, reason";
 
 const KEY_COLUMNS: &str = "id, name, role, salt, hash, created_at, revoked_at";
 
@@ -80,13 +81,16 @@ ORDER BY u.ord";
 
 const INSERT_DLQ: &str = "
 INSERT INTO dlq (processor, event_id, source_topic, source_partition, source_offset, schema_id,
-                 raw, decoded, error_class, error_message, failed_at, attempts)
+                 raw, decoded, error_class, error_message, failed_at, attempts, raw_key, headers)
 SELECT u.processor, u.event_id, u.topic, u.partition, u.off, u.schema_id, u.raw,
-       u.decoded::jsonb, u.error_class, u.error_message, u.failed_at, u.attempts
+       u.decoded::jsonb, u.error_class, u.error_message, u.failed_at, u.attempts, u.raw_key,
+       u.headers::jsonb
 FROM unnest($1::text[], $2::uuid[], $3::text[], $4::int4[], $5::int8[], $6::int8[],
-            $7::bytea[], $8::text[], $9::text[], $10::text[], $11::timestamptz[], $12::int4[])
+            $7::bytea[], $8::text[], $9::text[], $10::text[], $11::timestamptz[], $12::int4[],
+            $13::bytea[], $14::text[])
      WITH ORDINALITY AS u(processor, event_id, topic, partition, off, schema_id, raw, decoded,
-                          error_class, error_message, failed_at, attempts, ord)
+                          error_class, error_message, failed_at, attempts, raw_key, headers,
+                          ord)
 ORDER BY u.ord
 RETURNING dlq_id";
 
@@ -753,20 +757,42 @@ impl PgStore {
         ids: &[i64],
         status: DlqStatus,
         who: &str,
+        reason: Option<&str>,
         at: DateTime<Utc>,
-    ) -> Result<u64> {
-        Ok(sqlx::query(
-            "UPDATE dlq SET status = $1, status_changed_by = $2, status_changed_at = $3
-             WHERE dlq_id = ANY($4) AND status = 'pending'",
+    ) -> Result<Vec<i64>> {
+        const OP: &str = "dlq_set_status";
+        let mut tx = self.pool.begin().await.map_err(db(OP))?;
+        let mut changed: Vec<i64> = sqlx::query_scalar(
+            "UPDATE dlq SET status = $1, status_changed_by = $2, status_changed_at = $3,
+                            reason = coalesce($5, reason)
+             WHERE dlq_id = ANY($4) AND status = 'pending'
+             RETURNING dlq_id",
         )
         .bind(status.as_str())
         .bind(who)
         .bind(at)
         .bind(ids)
-        .execute(&self.pool)
+        .bind(reason)
+        .fetch_all(&mut *tx)
         .await
-        .map_err(db("dlq_set_status"))?
-        .rows_affected())
+        .map_err(db(OP))?;
+        changed.sort_unstable();
+        let action = format!("dlq.{}", crate::ops::dlq_verb(status));
+        let detail = serde_json::json!({ "reason": reason }).to_string();
+        sqlx::query(
+            "INSERT INTO audit_log (at, who, action, target, detail)
+             SELECT $1, $2, $3, 'dlq:' || u.id, $5::jsonb FROM unnest($4::int8[]) AS u(id)",
+        )
+        .bind(at)
+        .bind(who)
+        .bind(&action)
+        .bind(&changed)
+        .bind(&detail)
+        .execute(&mut *tx)
+        .await
+        .map_err(db(OP))?;
+        tx.commit().await.map_err(db(OP))?;
+        Ok(changed)
     }
 
     pub async fn dlq_counts(&self) -> Result<Vec<DlqCount>> {
@@ -935,6 +961,12 @@ async fn insert_dead_letters(
         )
         .bind(d.iter().map(|r| r.failed_at).collect::<Vec<_>>())
         .bind(d.iter().map(|r| r.attempts).collect::<Vec<_>>())
+        .bind(
+            d.iter()
+                .map(|r| r.letter.key.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(d.iter().map(|r| r.headers.as_str()).collect::<Vec<_>>())
         .fetch_all(&mut *conn)
         .await
         .map_err(db(op))
@@ -1118,6 +1150,16 @@ fn dlq_from_row(row: &PgRow) -> Result<DlqEntry> {
         status: status.parse().map_err(|e: String| Error::corrupt(OP, e))?,
         status_changed_by: row.try_get("status_changed_by").map_err(db(OP))?,
         status_changed_at: row.try_get("status_changed_at").map_err(db(OP))?,
+        key: row.try_get("raw_key").map_err(db(OP))?,
+        headers: {
+            let Json(pairs): Json<Vec<(String, String)>> =
+                row.try_get("headers").map_err(db(OP))?;
+            pairs
+                .into_iter()
+                .map(|(k, v)| (k, v.into_bytes()))
+                .collect()
+        },
+        reason: row.try_get("reason").map_err(db(OP))?,
     })
 }
 

@@ -47,6 +47,8 @@ pub(crate) struct DeadRow<'a> {
     pub failed_at: DateTime<Utc>,
     pub schema_id: Option<i64>,
     pub attempts: i32,
+    /// The headers as stored: a JSON array of `[key, value]`, values as UTF-8 text.
+    pub headers: String,
 }
 
 /// A batch ready to bind.
@@ -127,8 +129,34 @@ impl<'a> DeadRow<'a> {
             failed_at: trunc(l.failed_at),
             schema_id: l.schema_id.map(i64::from),
             attempts: i32::try_from(l.attempts).unwrap_or(i32::MAX),
+            headers: headers_json(&l.headers),
         }
     }
+}
+
+/// Headers as the DLQ stores them. Sluice's headers are text; other bytes are kept lossily
+/// (and U+0000, which `jsonb` refuses, is dropped).
+pub(crate) fn headers_json(headers: &[(String, Vec<u8>)]) -> String {
+    let pairs: Vec<(String, String)> = headers
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.replace('\0', ""),
+                String::from_utf8_lossy(v).replace('\0', ""),
+            )
+        })
+        .collect();
+    serde_json::to_string(&pairs).unwrap_or_else(|_| "[]".to_owned())
+}
+
+/// Headers as read back from the DLQ.
+pub(crate) fn headers_from_json(op: &'static str, text: &str) -> Result<Vec<(String, Vec<u8>)>> {
+    let pairs: Vec<(String, String)> = serde_json::from_str(text)
+        .map_err(|e| crate::Error::corrupt(op, format!("bad headers in a row: {e}")))?;
+    Ok(pairs
+        .into_iter()
+        .map(|(k, v)| (k, v.into_bytes()))
+        .collect())
 }
 
 /// Offsets, one per (group, topic, partition), last one winning, sorted by key so that

@@ -25,10 +25,13 @@ use crate::model::{
     AppendBatch, AppendOutcome, ConsumerOffset, DlqCount, DlqEntry, DlqFilter, DlqStatus,
     EventQuery, MaintainReport, OutboxEntry, PartitionInfo, StoredEvent,
 };
-use crate::prepare::{DeadRow, EventRow, Prepared, chunk_sizes, from_micros, micros};
+use crate::prepare::{
+    DeadRow, EventRow, Prepared, chunk_sizes, from_micros, headers_from_json, micros,
+};
 use crate::{Error, ListenerInner, OutboxListener, Result, StoreOptions};
 
 mod actions;
+mod ops;
 mod projections;
 
 static MIGRATOR: Migrator = sqlx::migrate!("../../sql/sqlite");
@@ -41,7 +44,7 @@ const EVENT_COLUMNS: &str =
 
 const DLQ_COLUMNS: &str = "dlq_id, processor, event_id, source_topic, source_partition, \
      source_offset, schema_id, raw, decoded, error_class, error_message, failed_at, attempts, \
-     status, status_changed_by, status_changed_at";
+     status, status_changed_by, status_changed_at, raw_key, headers, reason";
 
 const KEY_COLUMNS: &str = "id, name, role, salt, hash, created_at, revoked_at";
 
@@ -452,20 +455,46 @@ impl SqliteStore {
         ids: &[i64],
         status: DlqStatus,
         who: &str,
+        reason: Option<&str>,
         at: DateTime<Utc>,
-    ) -> Result<u64> {
-        Ok(sqlx::query(
-            "UPDATE dlq SET status = ?1, status_changed_by = ?2, status_changed_at = ?3
-             WHERE dlq_id IN (SELECT value FROM json_each(?4)) AND status = 'pending'",
+    ) -> Result<Vec<i64>> {
+        const OP: &str = "dlq_set_status";
+        let mut tx = self
+            .writer
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(db(OP))?;
+        let mut changed: Vec<i64> = sqlx::query_scalar(
+            "UPDATE dlq SET status = ?1, status_changed_by = ?2, status_changed_at = ?3,
+                            reason = coalesce(?5, reason)
+             WHERE dlq_id IN (SELECT value FROM json_each(?4)) AND status = 'pending'
+             RETURNING dlq_id",
         )
         .bind(status.as_str())
         .bind(who)
         .bind(micros(at))
         .bind(id_list(ids))
-        .execute(&self.writer)
+        .bind(reason)
+        .fetch_all(&mut *tx)
         .await
-        .map_err(db("dlq_set_status"))?
-        .rows_affected())
+        .map_err(db(OP))?;
+        changed.sort_unstable();
+        let action = format!("dlq.{}", crate::ops::dlq_verb(status));
+        let detail = serde_json::json!({ "reason": reason }).to_string();
+        sqlx::query(
+            "INSERT INTO audit_log (at, who, action, target, detail)
+             SELECT ?1, ?2, ?3, 'dlq:' || value, ?5 FROM json_each(?4)",
+        )
+        .bind(micros(at))
+        .bind(who)
+        .bind(&action)
+        .bind(id_list(&changed))
+        .bind(&detail)
+        .execute(&mut *tx)
+        .await
+        .map_err(db(OP))?;
+        tx.commit().await.map_err(db(OP))?;
+        Ok(changed)
     }
 
     pub async fn dlq_counts(&self) -> Result<Vec<DlqCount>> {
@@ -603,7 +632,8 @@ async fn insert_dead_letters(
         let id: i64 = sqlx::query_scalar(
             "INSERT INTO dlq (processor, event_id, source_topic, source_partition, \
              source_offset, schema_id, raw, decoded, error_class, error_message, failed_at, \
-             attempts) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) \
+             attempts, raw_key, headers) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14) \
              RETURNING dlq_id",
         )
         .bind(l.processor.as_str())
@@ -618,6 +648,8 @@ async fn insert_dead_letters(
         .bind(l.error_message.as_str())
         .bind(micros(d.failed_at))
         .bind(d.attempts)
+        .bind(l.key.as_deref())
+        .bind(d.headers.as_str())
         .fetch_one(&mut *conn)
         .await
         .map_err(db(op))?;
@@ -716,6 +748,9 @@ fn dlq_from_row(row: &SqliteRow) -> Result<DlqEntry> {
         status: status.parse().map_err(|e: String| Error::corrupt(OP, e))?,
         status_changed_by: row.try_get("status_changed_by").map_err(db(OP))?,
         status_changed_at: changed_at.map(|t| from_micros(OP, t)).transpose()?,
+        key: row.try_get("raw_key").map_err(db(OP))?,
+        headers: headers_from_json(OP, &row.try_get::<String, _>("headers").map_err(db(OP))?)?,
+        reason: row.try_get("reason").map_err(db(OP))?,
     })
 }
 

@@ -99,6 +99,8 @@ contract!(
     device_latest_keeps_the_newest,
     projection_offsets_commit_atomically,
     projection_versions_are_independent,
+    projection_versions_rebuild_and_switch,
+    replay_jobs_progress_resume_and_cancel,
     readings_retention_keeps_recent_readings_and_rollups,
     anomalies_are_stored_once_per_event_id,
     anomalies_commit_with_the_offsets,

@@ -327,6 +327,8 @@ impl<S: SchemaSource> IntakeLoop<'_, S> {
                             .ok()
                             .map(|(id, _)| id),
                         raw: msg.value.clone(),
+                        key: msg.key.clone(),
+                        headers: sluice_runtime::header_pairs(&msg.headers),
                         error_class: "invalid_request",
                         error_message: detail,
                         attempts: 1,

@@ -370,6 +370,8 @@ impl<S: SchemaSource> Worker<'_, S> {
                         partition: msg.partition,
                         offset: msg.offset,
                         schema_id: reject.schema_id,
+                        key: msg.key,
+                        headers: sluice_runtime::header_pairs(&msg.headers),
                         raw: msg.value,
                         error_class: reject.class,
                         error_message: reject.message,

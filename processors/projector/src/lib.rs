@@ -296,6 +296,8 @@ impl<S: SchemaSource> Worker<'_, S> {
                     schema_id: sluice_schemas::wire::unframe(&msg.value)
                         .ok()
                         .map(|(id, _)| id),
+                    key: msg.key,
+                    headers: sluice_runtime::header_pairs(&msg.headers),
                     raw: msg.value,
                     error_class: class,
                     error_message: message,

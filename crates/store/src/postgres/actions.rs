@@ -303,6 +303,8 @@ impl PgStore {
                     offset: row.try_get("source_offset").map_err(db(OP))?,
                     schema_id: None,
                     raw: body.into_bytes(),
+                    key: None,
+                    headers: Vec::new(),
                     error_class: DELIVERY_ERROR_CLASS,
                     error_message: dead_letter_message(record),
                     attempts: u32::try_from(u.attempts).unwrap_or(0),

@@ -698,6 +698,8 @@ fn letter(
         offset: 41,
         schema_id: None,
         raw,
+        key: Some(b"dev-1".to_vec()),
+        headers: vec![("source".into(), b"mqtt".to_vec())],
         error_class: class,
         error_message: format!("{class} failed"),
         attempts: 3,
@@ -849,24 +851,29 @@ pub async fn dead_letters_round_trip<H: Harness>(h: &H) {
     let before = now();
     assert_eq!(
         store
-            .dlq_set_status(&[id1, id2], DlqStatus::Discarded, "alice")
+            .dlq_set_status(
+                &[id2, id1],
+                DlqStatus::Discarded,
+                "alice",
+                Some("bad firmware")
+            )
             .await
             .unwrap(),
-        2
+        vec![id1, id2]
     );
     assert_eq!(
         store
-            .dlq_set_status(&[id1, id2], DlqStatus::Replayed, "bob")
+            .dlq_set_status(&[id1, id2], DlqStatus::Replayed, "bob", None)
             .await
             .unwrap(),
-        0
+        Vec::<i64>::new()
     );
     assert_eq!(
         store
-            .dlq_set_status(&[id1, id3], DlqStatus::Replayed, "bob")
+            .dlq_set_status(&[id1, id3], DlqStatus::Replayed, "bob", None)
             .await
             .unwrap(),
-        1
+        vec![id3]
     );
     let e1 = store.dlq_get(id1).await.unwrap().unwrap();
     assert_eq!(
@@ -874,13 +881,41 @@ pub async fn dead_letters_round_trip<H: Harness>(h: &H) {
         (DlqStatus::Discarded, Some("alice"))
     );
     assert!(e1.status_changed_at.unwrap() >= before);
+    assert_eq!(e1.reason.as_deref(), Some("bad firmware"));
+    assert_eq!(
+        (e1.key.as_deref(), e1.headers.as_slice()),
+        (
+            Some(b"dev-1".as_slice()),
+            [("source".to_owned(), b"mqtt".to_vec())].as_slice()
+        ),
+        "key and headers kept for a re-drive"
+    );
+    // Every change is audited, with who, what and why; refused changes are not.
+    let audit = store
+        .audit_log(Some(&format!("dlq:{id1}")), 10)
+        .await
+        .unwrap();
+    assert_eq!(audit.len(), 1, "{audit:?}");
+    assert_eq!(
+        (audit[0].who.as_str(), audit[0].action.as_str()),
+        ("alice", "dlq.discard")
+    );
+    assert_eq!(audit[0].detail, json!({"reason": "bad firmware"}));
+    let audit3 = store
+        .audit_log(Some(&format!("dlq:{id3}")), 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        audit3.iter().map(|a| a.action.as_str()).collect::<Vec<_>>(),
+        ["dlq.replay"]
+    );
     assert_eq!(
         store.dlq_get(id3).await.unwrap().unwrap().status,
         DlqStatus::Replayed
     );
     assert!(
         store
-            .dlq_set_status(&[id4], DlqStatus::Pending, "eve")
+            .dlq_set_status(&[id4], DlqStatus::Pending, "eve", None)
             .await
             .is_err()
     );

@@ -4,12 +4,14 @@
 //! roll back with the offsets, go with retention and are readable through `select`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
 use serde_json::json;
 use sluice_store::{
     Anomaly, Column, ColumnType, ConsumerOffset, Error, Filter, Op, ProjectionBatch,
     ProjectionOutcome, Reading, Resolution, Rollup, Select, StatusChange, Store, Value,
+    VersionState,
 };
 use uuid::Uuid;
 
@@ -909,4 +911,226 @@ pub async fn select_reads_anomalies<H: Harness>(h: &H) {
 
     let all = store.select(&select(vec![])).await.unwrap();
     assert_eq!(all[0].len(), 4);
+}
+
+/// A rebuild's version: writers write live and building, a second rebuild is refused, a
+/// resumed job gets its version back, the switch is atomic and carries the anomalies over, and
+/// the retired version's rows go.
+pub async fn projection_versions_rebuild_and_switch<H: Harness>(h: &H) {
+    let store = h.open().await;
+    assert_eq!(store.projection_targets("projector", 1).await.unwrap(), [1]);
+    assert_eq!(store.live_version("projector", 1).await.unwrap(), 1);
+    let a = reading_at("dev-1", at(0), 1.0);
+    let alarm = anomaly_at("dev-1", at(0), 0.9);
+    store.project(&readings(1, &[&a])).await.unwrap();
+    store.project(&anomalies(1, &[&alarm])).await.unwrap();
+    // Leftovers under the next number (an earlier crashed rebuild) are cleared.
+    store.project(&readings(2, &[&a])).await.unwrap();
+
+    let v = store
+        .begin_projection_version("projector", 1, "job-a")
+        .await
+        .unwrap();
+    assert_eq!(v, 2);
+    assert_eq!(store.readings_count(2).await.unwrap(), 0, "cleared");
+    assert_eq!(
+        store.projection_targets("projector", 1).await.unwrap(),
+        [1, 2]
+    );
+    assert_eq!(store.live_version("projector", 1).await.unwrap(), 1);
+    assert_eq!(
+        store
+            .begin_projection_version("projector", 1, "job-a")
+            .await
+            .unwrap(),
+        2,
+        "a resumed job gets its version back"
+    );
+    let err = store
+        .begin_projection_version("projector", 1, "job-b")
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("job-a"), "{err}");
+    assert!(
+        store
+            .switch_projection_version("projector", 3, "op")
+            .await
+            .is_err(),
+        "only the building version can go live"
+    );
+
+    let b = reading_at("dev-1", at(60), 2.0);
+    for version in [2, 1] {
+        store.project(&readings(version, &[&a, &b])).await.unwrap();
+    }
+    let retired = store
+        .switch_projection_version("projector", 2, "key:op")
+        .await
+        .unwrap();
+    assert_eq!(retired, 1);
+    assert_eq!(store.projection_targets("projector", 1).await.unwrap(), [2]);
+    assert_eq!(store.live_version("projector", 1).await.unwrap(), 2);
+    assert_eq!(
+        store.anomalies(2, None).await.unwrap(),
+        store.anomalies(1, None).await.unwrap(),
+        "anomalies carried over"
+    );
+    assert_eq!(
+        store.rollups(2, Resolution::Minute, None).await.unwrap(),
+        store.rollups(1, Resolution::Minute, None).await.unwrap()
+    );
+    let audit = store
+        .audit_log(Some("projection:projector"), 10)
+        .await
+        .unwrap();
+    assert_eq!(audit.len(), 1);
+    assert_eq!(audit[0].detail, json!({"from": 1, "to": 2}));
+
+    assert!(store.drop_retired_version("projector", 1).await.unwrap() > 0);
+    assert_eq!(store.readings_count(1).await.unwrap(), 0);
+    let states: Vec<(i32, VersionState)> = store
+        .projection_versions("projector")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|v| (v.version, v.state))
+        .collect();
+    assert_eq!(states, [(2, VersionState::Live)]);
+
+    // The next rebuild takes 3; abandoning it leaves the live one alone.
+    let v3 = store
+        .begin_projection_version("projector", 1, "job-c")
+        .await
+        .unwrap();
+    assert_eq!(v3, 3);
+    store.project(&readings(3, &[&a])).await.unwrap();
+    store
+        .abandon_projection_version("projector", 3)
+        .await
+        .unwrap();
+    assert_eq!(store.readings_count(3).await.unwrap(), 0);
+    assert_eq!(store.projection_targets("projector", 1).await.unwrap(), [2]);
+    assert_eq!(store.readings_count(2).await.unwrap(), 2);
+}
+
+/// Replay jobs: created running with an audit row, progress reports the state (so a worker
+/// sees a cancel), a crashed job is resumed only once its heartbeat is stale, finished jobs
+/// stay finished.
+pub async fn replay_jobs_progress_resume_and_cancel<H: Harness>(h: &H) {
+    use sluice_store::{JobState, NewReplayJob};
+    let store = h.open().await;
+    let new = |id: &str| NewReplayJob {
+        job_id: id.into(),
+        created_by: "local:alice".into(),
+        selection: json!({"types": ["sensor.reading"]}),
+        target: "topic:events.sensor-reading".into(),
+        total: 10,
+    };
+    let job = store.create_replay_job(&new("j1")).await.unwrap();
+    assert_eq!(
+        (job.state, job.total, job.done, job.cursor),
+        (JobState::Running, 10, 0, 0)
+    );
+    assert!(
+        store.create_replay_job(&new("j1")).await.is_err(),
+        "ids are unique"
+    );
+    assert_eq!(
+        store.replay_job_progress("j1", 41, 4).await.unwrap(),
+        JobState::Running
+    );
+    let job = store.replay_job("j1").await.unwrap().unwrap();
+    assert_eq!((job.cursor, job.done), (41, 4));
+
+    // A live worker keeps the job: resume is refused until the heartbeat is stale.
+    let err = store
+        .resume_replay_job("j1", "local:bob", Duration::from_secs(60))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("heard of"), "{err}");
+    let resumed = store
+        .resume_replay_job("j1", "local:bob", Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(
+        (resumed.state, resumed.cursor, resumed.done),
+        (JobState::Running, 41, 4)
+    );
+
+    // Cancel: a running job is asked; its worker sees it and finishes as cancelled.
+    assert_eq!(
+        store
+            .cancel_replay_job("j1", "local:carol", Duration::from_secs(60))
+            .await
+            .unwrap(),
+        JobState::Cancelling
+    );
+    assert_eq!(
+        store.replay_job_progress("j1", 50, 5).await.unwrap(),
+        JobState::Cancelling
+    );
+    store
+        .finish_replay_job("j1", JobState::Cancelled, None)
+        .await
+        .unwrap();
+    assert!(
+        store
+            .resume_replay_job("j1", "local:bob", Duration::ZERO)
+            .await
+            .is_err(),
+        "a cancelled job stays cancelled"
+    );
+    assert_eq!(
+        store.replay_job_progress("j1", 60, 6).await.unwrap(),
+        JobState::Cancelled,
+        "no progress after the end"
+    );
+    assert_eq!(store.replay_job("j1").await.unwrap().unwrap().cursor, 50);
+
+    // A failed job resumes at once and keeps its cursor; listing is newest first.
+    store.create_replay_job(&new("j2")).await.unwrap();
+    store.replay_job_progress("j2", 7, 1).await.unwrap();
+    store
+        .finish_replay_job("j2", JobState::Failed, Some("broker down"))
+        .await
+        .unwrap();
+    let j2 = store.replay_job("j2").await.unwrap().unwrap();
+    assert_eq!(
+        (j2.state, j2.error.as_deref()),
+        (JobState::Failed, Some("broker down"))
+    );
+    let j2 = store
+        .resume_replay_job("j2", "local:bob", Duration::from_secs(3600))
+        .await
+        .unwrap();
+    assert_eq!(
+        (j2.state, j2.cursor, j2.error),
+        (JobState::Running, 7, None)
+    );
+    let ids: Vec<String> = store
+        .replay_jobs(10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|j| j.job_id)
+        .collect();
+    assert_eq!(ids.len(), 2);
+    assert!(store.replay_job("nope").await.unwrap().is_none());
+
+    let actions: Vec<String> = store
+        .audit_log(None, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|a| a.target == "replay:j1")
+        .map(|a| format!("{} {}", a.who, a.action))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "local:alice replay.start",
+            "local:bob replay.resume",
+            "local:carol replay.cancel"
+        ]
+    );
 }
