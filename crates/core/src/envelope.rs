@@ -81,6 +81,7 @@ impl Event {
                 trace: self.metadata.trace.clone(),
                 schema_version: None,
                 causation_id: Some(self.event_id),
+                replay: self.metadata.replay.clone(),
             },
         }
     }
@@ -197,6 +198,76 @@ pub struct Metadata {
     /// For a derived event, the id of the event it was derived from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub causation_id: Option<Uuid>,
+    /// Set when the event (or the event it derives from) was re-published by an operator's
+    /// replay. Travels in record headers ([`Replay::headers`]), never in the stored body.
+    #[serde(skip)]
+    pub replay: Option<Replay>,
+}
+
+/// The mark of a replayed event: which job re-published it and which side effects it may
+/// have. Derived events inherit it, so an inference scored from a replayed reading is a replay
+/// too, and the action router suppresses its actions unless the job fires them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replay {
+    /// The replay job.
+    pub job_id: String,
+    /// Whether the action router requests actions as usual (the executor's dedup still
+    /// stops anything delivered before); suppressed by default.
+    pub fire_actions: bool,
+    /// Whether the inferencer scores replayed readings again; skipped by default.
+    pub rescore: bool,
+}
+
+impl Replay {
+    /// Header naming the replay job.
+    pub const JOB_HEADER: &'static str = "sluice-replay";
+    /// Header saying what the router does: `fire` or `suppress`.
+    pub const ACTIONS_HEADER: &'static str = "sluice-replay-actions";
+    /// Header saying what the inferencer does: `rescore` or `skip`.
+    pub const RESCORE_HEADER: &'static str = "sluice-replay-inference";
+
+    /// The record headers that carry this mark.
+    pub fn headers(&self) -> [(&'static str, Vec<u8>); 3] {
+        [
+            (Self::JOB_HEADER, self.job_id.clone().into_bytes()),
+            (
+                Self::ACTIONS_HEADER,
+                if self.fire_actions {
+                    "fire"
+                } else {
+                    "suppress"
+                }
+                .into(),
+            ),
+            (
+                Self::RESCORE_HEADER,
+                if self.rescore { "rescore" } else { "skip" }.into(),
+            ),
+        ]
+    }
+
+    /// The mark carried by `headers`, if any. Anything but an explicit `fire` / `rescore`
+    /// means suppressed / skipped: a replay fails safe.
+    pub fn from_headers<'a>(
+        headers: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+    ) -> Option<Replay> {
+        let mut job = None;
+        let mut fire_actions = false;
+        let mut rescore = false;
+        for (key, value) in headers {
+            match key {
+                Self::JOB_HEADER => job = Some(String::from_utf8_lossy(value).into_owned()),
+                Self::ACTIONS_HEADER => fire_actions = value == b"fire",
+                Self::RESCORE_HEADER => rescore = value == b"rescore",
+                _ => {}
+            }
+        }
+        job.map(|job_id| Replay {
+            job_id,
+            fire_actions,
+            rescore,
+        })
+    }
 }
 
 impl Metadata {
@@ -207,6 +278,7 @@ impl Metadata {
             trace: None,
             schema_version: None,
             causation_id: None,
+            replay: None,
         }
     }
 }
@@ -446,6 +518,7 @@ mod tests {
                     trace: trace.map(|t| TraceContext { traceparent: format!("00-{t}-00f067aa0ba902b7-01"), tracestate: None }),
                     schema_version: version,
                     causation_id: None,
+                    replay: None,
                 },
             };
             let json = serde_json::to_string(&event).unwrap();

@@ -9,7 +9,8 @@ mod envelope;
 mod ids;
 
 pub use envelope::{
-    Event, EventType, MAX_AGGREGATE_ID_LEN, Metadata, Source, TraceContext, check_aggregate_id,
+    Event, EventType, MAX_AGGREGATE_ID_LEN, Metadata, Replay, Source, TraceContext,
+    check_aggregate_id,
 };
 pub use ids::{SLUICE_NAMESPACE, derived_event_id};
 

@@ -331,7 +331,12 @@ where
         let mut decoded = Vec::with_capacity(batch.len());
         let mut events = Vec::with_capacity(batch.len());
         for msg in batch {
-            let event = self.codec.decode(&msg.value).await.ok();
+            let event = self
+                .codec
+                .decode(&msg.value)
+                .await
+                .ok()
+                .map(|e| marked(e, msg));
             decoded.push(event.is_some());
             events.extend(event);
         }
@@ -459,7 +464,7 @@ where
         let mut attempt = 1u32;
         loop {
             match self.codec.decode(&msg.value).await {
-                Ok(e) => return Ok(Ok(e)),
+                Ok(e) => return Ok(Ok(marked(e, msg))),
                 // The registry is unreachable: an outage, not bad data.
                 Err(e @ sluice_schemas::Error::Remote(_)) => {
                     if !self
@@ -550,6 +555,12 @@ where
                     key: "traceparent".into(),
                     value: trace.traceparent.as_bytes().to_vec(),
                 });
+            }
+            if let Some(replay) = &event.metadata.replay {
+                headers.extend(replay.headers().map(|(key, value)| Header {
+                    key: key.into(),
+                    value,
+                }));
             }
             records.push((
                 topic.clone(),
@@ -799,6 +810,16 @@ pub fn cancel_on_signals(token: CancellationToken) -> std::io::Result<()> {
         token.cancel();
     });
     Ok(())
+}
+
+/// `event` with the replay mark its record's headers carry, if any.
+fn marked(mut event: Event, msg: &Message) -> Event {
+    event.metadata.replay = sluice_core::Replay::from_headers(
+        msg.headers
+            .iter()
+            .map(|h| (h.key.as_str(), h.value.as_slice())),
+    );
+    event
 }
 
 #[cfg(test)]

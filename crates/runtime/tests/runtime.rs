@@ -11,8 +11,8 @@ use serde_json::json;
 use sluice_core::{Event, EventType, Source};
 use sluice_log::kafka::MockCluster;
 use sluice_log::{
-    Consumer, EmbeddedLog, EmbeddedOptions, KafkaLog, Log, Producer, Record, TopicPartition,
-    TopicSpec,
+    Consumer, EmbeddedLog, EmbeddedOptions, Header, KafkaLog, Log, Producer, Record,
+    TopicPartition, TopicSpec,
 };
 use sluice_runtime::{
     CountingMetrics, MemoryDlq, Outputs, ProcessError, Processor, RunError, RuntimeConfig,
@@ -369,7 +369,75 @@ async fn poison_goes_to_the_dlq_and_the_partition_moves_on() {
     );
     assert!(test.schema_id.is_some());
     assert_eq!(test.processor, "scorer");
+    assert_eq!(
+        test.key.as_deref(),
+        Some(b"bad-1".as_slice()),
+        "key kept for a re-drive"
+    );
     assert_eq!(metrics.dead_lettered.load(Ordering::Relaxed), 2);
+}
+
+/// A replayed record's mark (its headers) reaches the processor on the event, and every
+/// output derived from it carries the same headers onward; unmarked records stay unmarked.
+#[tokio::test]
+async fn replay_marks_travel_from_input_headers_to_outputs() {
+    let rig = rig(1).await;
+    let replayed = reading("dev-1", 1.0);
+    let mark = sluice_core::Replay {
+        job_id: "job-7".into(),
+        fire_actions: false,
+        rescore: true,
+    };
+    let (value, _) = rig.codec.encode(&replayed).await.unwrap();
+    let record = Record {
+        key: Some(b"dev-1".to_vec()),
+        value,
+        headers: mark
+            .headers()
+            .into_iter()
+            .map(|(key, value)| Header {
+                key: key.into(),
+                value,
+            })
+            .collect(),
+        ..Record::default()
+    };
+    rig.log
+        .producer()
+        .unwrap()
+        .send("in", vec![record])
+        .await
+        .unwrap();
+    rig.produce(&[reading("dev-2", 2.0)]).await;
+
+    let (dlq, metrics) = (
+        Arc::new(MemoryDlq::default()),
+        Arc::new(CountingMetrics::default()),
+    );
+    let (token, task) = rig.start(Arc::new(Scorer::default()), dlq, metrics);
+    until("both committed", || rig.committed(0) == Some(2)).await;
+    token.cancel();
+    task.await.unwrap().unwrap();
+
+    let group = format!("reader-{}", uuid::Uuid::new_v4().simple());
+    let mut c = rig.log.consumer(&group, &["out"]).unwrap();
+    let mut got = Vec::new();
+    let start = Instant::now();
+    while got.len() < 2 && start.elapsed() < DEADLINE {
+        got.extend(c.poll(10, Duration::from_millis(50)).await.unwrap());
+    }
+    assert_eq!(got.len(), 2);
+    let marks: Vec<Option<sluice_core::Replay>> = got
+        .iter()
+        .map(|m| {
+            sluice_core::Replay::from_headers(
+                m.headers
+                    .iter()
+                    .map(|h| (h.key.as_str(), h.value.as_slice())),
+            )
+        })
+        .collect();
+    assert_eq!(marks, [Some(mark), None]);
 }
 
 #[tokio::test]

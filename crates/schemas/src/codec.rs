@@ -133,6 +133,7 @@ fn metadata(value: Value) -> Result<Metadata> {
         trace,
         schema_version,
         causation_id,
+        replay: None,
     })
 }
 

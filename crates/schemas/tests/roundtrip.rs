@@ -110,6 +110,7 @@ fn event_for(subject: &str, payload: BoxedStrategy<Json>) -> impl Strategy<Value
                         }),
                         schema_version: version,
                         causation_id: cause.map(Uuid::from_u128),
+                        replay: None,
                     },
                 }
             },

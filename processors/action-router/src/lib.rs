@@ -140,6 +140,12 @@ impl Router {
     pub fn route(&self, event: &Event) -> Result<Vec<Event>, ProcessError> {
         let mut actions = Vec::new();
         let mut view: Option<Value> = None;
+        let suppressed = event.metadata.source == Source::Replay
+            || event
+                .metadata
+                .replay
+                .as_ref()
+                .is_some_and(|r| !r.fire_actions);
         for rule in &self.rules {
             if rule.event_type != event.event_type.as_str() {
                 continue;
@@ -153,6 +159,12 @@ impl Router {
                     tracing::debug!(rule = %rule.rule.id, event_id = %event.event_id, error = %e, "predicate not evaluated; no match");
                     continue;
                 }
+            }
+            // A suppressed replay is recorded, but must not use up the window or the limit
+            // that live events of the device need.
+            if suppressed {
+                actions.push(self.request(rule, event, view, true)?);
+                continue;
             }
             let device = &event.aggregate_id;
             let last = rule.fired.get(device);
@@ -169,7 +181,7 @@ impl Router {
                 continue;
             }
             rule.fired.insert(device.clone(), event.event_id);
-            actions.push(self.request(rule, event, view)?);
+            actions.push(self.request(rule, event, view, false)?);
         }
         Ok(actions)
     }
@@ -179,6 +191,7 @@ impl Router {
         c: &CompiledRule,
         event: &Event,
         view: &Value,
+        suppressed: bool,
     ) -> Result<Event, ProcessError> {
         let rule = &c.rule;
         let body = match &rule.action.template {
@@ -193,7 +206,6 @@ impl Router {
             .to_string(),
         };
         let denied = rule.destructive && !rule.allow_destructive;
-        let suppressed = event.metadata.source == Source::Replay;
         self.stats.requested.fetch_add(1, Ordering::Relaxed);
         if denied {
             self.stats.denied.fetch_add(1, Ordering::Relaxed);
@@ -421,6 +433,40 @@ mod tests {
             assert_eq!(a.payload["suppressed"], true);
         }
         assert_eq!(r.stats().denied.load(Ordering::Relaxed), 2);
+    }
+
+    /// A replayed event (marked in its headers, inherited by what derives from it) requests
+    /// suppressed actions without using up the device's dedup window; a job that fires
+    /// actions gets ordinary requests, with the same derived ids as the first time.
+    #[test]
+    fn replay_marks_suppress_actions_unless_the_job_fires_them() {
+        let r = router(vec![rule("alert", "score > 0.8")]);
+        let live = result("dev-1", 0.9, "anomaly");
+        let first = r.route(&live).unwrap();
+        assert_eq!(first[0].payload["suppressed"], false);
+
+        let mark = |fire_actions| sluice_core::Replay {
+            job_id: "job-1".into(),
+            fire_actions,
+            rescore: false,
+        };
+        let mut replayed = result("dev-2", 0.95, "anomaly");
+        replayed.metadata.replay = Some(mark(false));
+        let suppressed = r.route(&replayed).unwrap();
+        assert_eq!(suppressed.len(), 1);
+        assert_eq!(suppressed[0].payload["suppressed"], true);
+        // dev-2's window is untouched: its next live anomaly fires.
+        let next = r.route(&result("dev-2", 0.97, "anomaly")).unwrap();
+        assert_eq!(next[0].payload["suppressed"], false);
+
+        let mut again = live.clone();
+        again.metadata.replay = Some(mark(true));
+        let fired = r.route(&again).unwrap();
+        assert_eq!(fired[0].payload["suppressed"], false);
+        assert_eq!(
+            fired[0].event_id, first[0].event_id,
+            "the executor dedupes on it"
+        );
     }
 
     #[test]

@@ -617,6 +617,7 @@ impl<S: SchemaSource, P: Producer> Delivery<'_, S, P> {
                 trace: None,
                 schema_version: None,
                 causation_id: Some(action.action_id),
+                replay: None,
             },
         }))
     }

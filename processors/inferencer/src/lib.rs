@@ -89,6 +89,8 @@ pub struct Stats {
     pub loads: AtomicU64,
     /// Devices whose state was rebuilt from the store.
     pub warmed: AtomicU64,
+    /// Replayed readings passed over (the replay did not ask to re-score).
+    pub replays_skipped: AtomicU64,
 }
 
 /// One configured model: what to load and what is loaded.
@@ -396,6 +398,11 @@ impl Inferencer {
 
     /// Decides how `event` is scored and moves its device's state on.
     async fn plan(&self, event: &Event, rows: &mut Vec<f32>) -> Plan {
+        // Old readings replayed through a device's state would also disturb its baseline.
+        if event.metadata.replay.as_ref().is_some_and(|r| !r.rescore) {
+            self.stats.replays_skipped.fetch_add(1, Ordering::Relaxed);
+            return Plan::Skip;
+        }
         let event_type = event.event_type.as_str();
         let slot = self.slots.get(event_type);
         if slot.is_none() && event_type != EventType::SENSOR_READING {

@@ -171,6 +171,7 @@ pub async fn append_round_trips_events<H: Harness>(h: &H) {
         ),
         schema_version: Some(7),
         causation_id: Some(Uuid::new_v4()),
+        replay: None,
     };
 
     let out = store.append(&batch(events.clone())).await.unwrap();
