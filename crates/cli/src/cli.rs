@@ -39,10 +39,19 @@ pub enum Command {
     Simulate(SimulateArgs),
     /// Run a read-only SQL query against the SQL endpoint or a data directory.
     Sql(SqlArgs),
-    /// Replay events from the event store into a topic or a new projection version.
-    Replay(PendingArgs),
+    /// Replay events from the event store into a topic, or rebuild a projection from them
+    /// into a new version beside the live one; list, resume and cancel replay jobs.
+    ///
+    /// Replayed events carry a mark in their record headers: the action router records their
+    /// actions as suppressed (unless --actions fire) and the inferencer does not score them
+    /// again (unless --inference rescore). Needs --data-dir (local), or --store with an
+    /// operator key.
+    Replay(ReplayArgs),
     /// List, inspect, re-drive and discard dead letters.
-    Dlq(PendingArgs),
+    ///
+    /// Needs --data-dir (local), or --store with an operator key; every change is audited.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
     /// Create, list and revoke API keys.
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -525,6 +534,207 @@ pub struct BenchIngestArgs {
 pub struct PendingArgs {
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
     pub rest: Vec<String>,
+}
+
+/// Where an operator command works, and as whom.
+#[derive(Debug, Clone, Args)]
+pub struct OpsTarget {
+    /// A `sluice dev` data directory, used directly: file access is the permission
+    /// [default: .sluice, unless --store is given]. Commands that publish need `sluice dev`
+    /// stopped (it holds the embedded log).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// The store: postgres://USER@HOST:PORT/DB or sqlite://PATH; needs --key.
+    #[arg(long, env = "SLUICE__STORE")]
+    pub store: Option<String>,
+    /// The log, for commands that publish: kafka://host:port or embedded://DIR.
+    #[arg(long, env = "SLUICE__LOG")]
+    pub log: Option<String>,
+    /// An API key with role operator or admin; required with --store.
+    #[arg(long, env = "SLUICE__API_KEY", hide_env_values = true)]
+    pub key: Option<String>,
+}
+
+/// Which dead letters: by processor, error class and failure time.
+#[derive(Debug, Clone, Args)]
+pub struct DlqSelect {
+    /// Only this processor's.
+    #[arg(long)]
+    pub processor: Option<String>,
+    /// Only this error class (e.g. schema, too_large, decode).
+    #[arg(long)]
+    pub error_class: Option<String>,
+    /// Failed at or after: RFC 3339, or a duration ago ("2h").
+    #[arg(long, value_name = "TIME")]
+    pub since: Option<String>,
+    /// Failed before: RFC 3339, or a duration ago.
+    #[arg(long, value_name = "TIME")]
+    pub until: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// List dead letters, oldest first.
+    List {
+        #[command(flatten)]
+        select: DlqSelect,
+        /// Only this status: pending, replayed or discarded.
+        #[arg(long)]
+        status: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: OpsTarget,
+    },
+    /// Show one dead letter: raw bytes as hex and text, decoded payload, provenance, error,
+    /// attempts and history.
+    Show {
+        /// The dead letter's id.
+        id: i64,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: OpsTarget,
+    },
+    /// Re-publish pending dead letters, raw, to the topic they were consumed from, and mark
+    /// them replayed. Give ids, or filters for every pending one they match.
+    Replay {
+        /// Dead letter ids.
+        ids: Vec<i64>,
+        #[command(flatten)]
+        select: DlqSelect,
+        /// Say what would be re-published, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        target: OpsTarget,
+    },
+    /// Mark pending dead letters discarded, with a reason. Give ids, or filters.
+    Discard {
+        /// Dead letter ids.
+        ids: Vec<i64>,
+        #[command(flatten)]
+        select: DlqSelect,
+        /// Why (kept with each entry and in the audit log).
+        #[arg(long)]
+        reason: String,
+        /// Say what would be discarded, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        target: OpsTarget,
+    },
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct ReplayArgs {
+    #[command(subcommand)]
+    pub command: Option<ReplayCommand>,
+    #[command(flatten)]
+    pub start: ReplayStart,
+}
+
+#[derive(Debug, Args)]
+pub struct ReplayStart {
+    /// Events ingested at or after: RFC 3339, or a duration ago ("2h") [default: the oldest].
+    #[arg(long, value_name = "TIME")]
+    pub from: Option<String>,
+    /// Events ingested before: RFC 3339, or a duration ago [default: now].
+    #[arg(long, value_name = "TIME")]
+    pub to: Option<String>,
+    /// Only events of this type (repeat for more).
+    #[arg(long = "type", value_name = "EVENT_TYPE")]
+    pub types: Vec<String>,
+    /// Only events of this aggregate (device id; repeat for more).
+    #[arg(long = "aggregate", value_name = "ID")]
+    pub aggregates: Vec<String>,
+    /// Re-publish the events to this topic, in order per aggregate.
+    #[arg(long, value_name = "TOPIC", required_unless_present = "rebuild")]
+    pub to_topic: Option<String>,
+    /// Rebuild this projection (the projector's name) into a new version, then switch
+    /// readers to it and drop the old one.
+    #[arg(long, value_name = "PROJECTION", conflicts_with = "to_topic")]
+    pub rebuild: Option<String>,
+    /// At most this many events per second [default: as fast as possible].
+    #[arg(long, value_name = "N")]
+    pub rate: Option<u32>,
+    /// What the action router does with replayed events: suppress (record, never deliver)
+    /// or fire (request as usual; the executor's dedup still stops repeats).
+    #[arg(long, value_enum, default_value_t = ReplayActions::Suppress)]
+    pub actions: ReplayActions,
+    /// Whether the inferencer scores replayed readings again.
+    #[arg(long, value_enum, default_value_t = ReplayInference::Skip)]
+    pub inference: ReplayInference,
+    /// Say what would be replayed, change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    #[command(flatten)]
+    pub wiring: ReplayWiring,
+    #[command(flatten)]
+    pub target: OpsTarget,
+}
+
+/// Where replay finds the projector and the schemas.
+#[derive(Debug, Clone, Args)]
+pub struct ReplayWiring {
+    /// The topology [default: topologies/default.yaml if present, else the built-in one].
+    #[arg(long, env = "SLUICE__TOPOLOGY")]
+    pub topology: Option<PathBuf>,
+    /// The schemas folder, registered in an in-process registry to encode replayed events, as
+    /// `sluice run` does [default: the data directory's registry, else ./schemas].
+    #[arg(long, env = "SLUICE__SCHEMAS", conflicts_with = "registry")]
+    pub schemas: Option<PathBuf>,
+    /// A Confluent-compatible schema registry to encode replayed events with.
+    #[arg(long, env = "SLUICE__REGISTRY")]
+    pub registry: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplayActions {
+    Suppress,
+    Fire,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplayInference {
+    Skip,
+    Rescore,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReplayCommand {
+    /// List replay jobs, newest first.
+    List {
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: OpsTarget,
+    },
+    /// Resume a failed or crashed job where it stopped.
+    Resume {
+        /// The job id.
+        id: String,
+        #[command(flatten)]
+        wiring: ReplayWiring,
+        #[command(flatten)]
+        target: OpsTarget,
+    },
+    /// Stop a job: a running one stops at its next page.
+    Cancel {
+        /// The job id.
+        id: String,
+        #[command(flatten)]
+        target: OpsTarget,
+    },
 }
 
 #[cfg(test)]

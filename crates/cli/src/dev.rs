@@ -155,14 +155,7 @@ impl Dev {
         let data_dir = args.data_dir.clone();
         std::fs::create_dir_all(&data_dir)
             .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
-        let topology = match &args.topology {
-            Some(path) => crate::run::load_topology(path)?,
-            None if Path::new("topologies/default.yaml").is_file() => {
-                crate::run::load_topology(Path::new("topologies/default.yaml"))?
-            }
-            None => sluice_topology::parse(BUILTIN_TOPOLOGY)
-                .map_err(|_| anyhow!("the built-in topology does not parse"))?,
-        };
+        let topology = dev_topology(args.topology.as_deref())?;
         let schemas_dir = match &args.schemas {
             Some(dir) => dir.clone(),
             None if Path::new("schemas").is_dir() => PathBuf::from("schemas"),
@@ -858,6 +851,19 @@ async fn listen(
                 .with_context(|| format!("cannot listen for {what}"))
         }
         Err(e) => Err(e).with_context(|| format!("cannot listen for {what} on {addr}")),
+    }
+}
+
+/// The topology `sluice dev` runs: `path`, else topologies/default.yaml if present, else the
+/// built-in one.
+pub(crate) fn dev_topology(path: Option<&Path>) -> Result<sluice_topology::Topology> {
+    match path {
+        Some(path) => crate::run::load_topology(path),
+        None if Path::new("topologies/default.yaml").is_file() => {
+            crate::run::load_topology(Path::new("topologies/default.yaml"))
+        }
+        None => sluice_topology::parse(BUILTIN_TOPOLOGY)
+            .map_err(|_| anyhow!("the built-in topology does not parse")),
     }
 }
 

@@ -17,8 +17,11 @@ mod cli;
 mod commands;
 mod dev;
 mod dev_webhooks;
+mod dlq;
 mod keys;
+mod ops;
 mod query;
+mod replay;
 mod run;
 mod simulate;
 

@@ -331,6 +331,11 @@ impl Store {
         self.events_in_range(&q).await
     }
 
+    /// How many events match `query` (its position bound included, its limit ignored).
+    pub async fn count_events(&self, query: &EventQuery) -> Result<u64> {
+        dispatch!(self.count_events(query))
+    }
+
     /// Events matching `query`, in position order.
     pub async fn events_in_range(&self, query: &EventQuery) -> Result<Vec<StoredEvent>> {
         dispatch!(self.events_in_range(query))

@@ -104,10 +104,10 @@ pub struct EventQuery {
     pub from: Option<DateTime<Utc>>,
     /// Latest `ingested_at`, exclusive.
     pub to: Option<DateTime<Utc>>,
-    /// Only this type.
-    pub event_type: Option<EventType>,
-    /// Only this aggregate.
-    pub aggregate_id: Option<String>,
+    /// Only these types (any type when empty).
+    pub event_types: Vec<EventType>,
+    /// Only these aggregates (any when empty).
+    pub aggregate_ids: Vec<String>,
     /// Only positions greater than this.
     pub after_position: i64,
     /// At most this many.
@@ -119,8 +119,8 @@ impl Default for EventQuery {
         Self {
             from: None,
             to: None,
-            event_type: None,
-            aggregate_id: None,
+            event_types: Vec::new(),
+            aggregate_ids: Vec::new(),
             after_position: 0,
             limit: 1000,
         }

@@ -896,22 +896,8 @@ impl PgStore {
     }
 
     pub async fn events_in_range(&self, q: &EventQuery) -> Result<Vec<StoredEvent>> {
-        let mut qb = QueryBuilder::new(format!(
-            "SELECT {EVENT_COLUMNS} FROM events WHERE position > "
-        ));
-        qb.push_bind(q.after_position);
-        if let Some(t) = q.from {
-            qb.push(" AND ingested_at >= ").push_bind(t);
-        }
-        if let Some(t) = q.to {
-            qb.push(" AND ingested_at < ").push_bind(t);
-        }
-        if let Some(t) = &q.event_type {
-            qb.push(" AND event_type = ").push_bind(t.as_str());
-        }
-        if let Some(a) = &q.aggregate_id {
-            qb.push(" AND aggregate_id = ").push_bind(a);
-        }
+        let mut qb = QueryBuilder::new(format!("SELECT {EVENT_COLUMNS} FROM events"));
+        event_filters(&mut qb, q);
         qb.push(" ORDER BY position LIMIT ")
             .push_bind(i64::from(q.limit));
         let rows = qb
@@ -920,6 +906,43 @@ impl PgStore {
             .await
             .map_err(db("events_in_range"))?;
         rows.iter().map(event_from_row).collect()
+    }
+}
+
+impl PgStore {
+    pub async fn count_events(&self, q: &EventQuery) -> Result<u64> {
+        let mut qb = QueryBuilder::new("SELECT count(*) FROM events");
+        event_filters(&mut qb, q);
+        let n: i64 = qb
+            .build_query_scalar()
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db("count_events"))?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+}
+
+/// ` WHERE ...` of an event query, without its order and limit.
+fn event_filters(qb: &mut QueryBuilder<'_, sqlx::Postgres>, q: &EventQuery) {
+    qb.push(" WHERE position > ").push_bind(q.after_position);
+    if let Some(t) = q.from {
+        qb.push(" AND ingested_at >= ").push_bind(t);
+    }
+    if let Some(t) = q.to {
+        qb.push(" AND ingested_at < ").push_bind(t);
+    }
+    if !q.event_types.is_empty() {
+        let types: Vec<String> = q
+            .event_types
+            .iter()
+            .map(|t| t.as_str().to_owned())
+            .collect();
+        qb.push(" AND event_type = ANY(").push_bind(types).push(")");
+    }
+    if !q.aggregate_ids.is_empty() {
+        qb.push(" AND aggregate_id = ANY(")
+            .push_bind(q.aggregate_ids.clone())
+            .push(")");
     }
 }
 

@@ -593,22 +593,9 @@ impl SqliteStore {
     }
 
     pub async fn events_in_range(&self, q: &EventQuery) -> Result<Vec<StoredEvent>> {
-        let mut qb: QueryBuilder<'_, Sqlite> = QueryBuilder::new(format!(
-            "SELECT {EVENT_COLUMNS} FROM events WHERE position > "
-        ));
-        qb.push_bind(q.after_position);
-        if let Some(t) = q.from {
-            qb.push(" AND ingested_at >= ").push_bind(micros(t));
-        }
-        if let Some(t) = q.to {
-            qb.push(" AND ingested_at < ").push_bind(micros(t));
-        }
-        if let Some(t) = &q.event_type {
-            qb.push(" AND event_type = ").push_bind(t.as_str());
-        }
-        if let Some(a) = &q.aggregate_id {
-            qb.push(" AND aggregate_id = ").push_bind(a);
-        }
+        let mut qb: QueryBuilder<'_, Sqlite> =
+            QueryBuilder::new(format!("SELECT {EVENT_COLUMNS} FROM events"));
+        event_filters(&mut qb, q);
         qb.push(" ORDER BY position LIMIT ")
             .push_bind(i64::from(q.limit));
         let rows = qb
@@ -617,6 +604,41 @@ impl SqliteStore {
             .await
             .map_err(db("events_in_range"))?;
         rows.iter().map(event_from_row).collect()
+    }
+}
+
+impl SqliteStore {
+    pub async fn count_events(&self, q: &EventQuery) -> Result<u64> {
+        let mut qb: QueryBuilder<'_, Sqlite> = QueryBuilder::new("SELECT count(*) FROM events");
+        event_filters(&mut qb, q);
+        let n: i64 = qb
+            .build_query_scalar()
+            .fetch_one(&self.reader)
+            .await
+            .map_err(db("count_events"))?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+}
+
+/// ` WHERE ...` of an event query, without its order and limit.
+fn event_filters(qb: &mut QueryBuilder<'_, Sqlite>, q: &EventQuery) {
+    qb.push(" WHERE position > ").push_bind(q.after_position);
+    if let Some(t) = q.from {
+        qb.push(" AND ingested_at >= ").push_bind(micros(t));
+    }
+    if let Some(t) = q.to {
+        qb.push(" AND ingested_at < ").push_bind(micros(t));
+    }
+    if !q.event_types.is_empty() {
+        let types: Vec<&str> = q.event_types.iter().map(|t| t.as_str()).collect();
+        qb.push(" AND event_type IN (SELECT value FROM json_each(")
+            .push_bind(serde_json::to_string(&types).unwrap_or_else(|_| "[]".into()))
+            .push("))");
+    }
+    if !q.aggregate_ids.is_empty() {
+        qb.push(" AND aggregate_id IN (SELECT value FROM json_each(")
+            .push_bind(serde_json::to_string(&q.aggregate_ids).unwrap_or_else(|_| "[]".into()))
+            .push("))");
     }
 }
 

@@ -25,7 +25,7 @@ use sluice_store::{AppendBatch, AppendEvent, ConsumerOffset, NewDeadLetter, Stor
 use tokio_util::sync::CancellationToken;
 
 pub use sluice_topology::IngestValidatorConfig;
-pub use validate::{Outcome, Reject, Validated, validate};
+pub use validate::{DLQ_ORIGIN_HEADER, Outcome, Reject, Validated, validate};
 
 /// The processor's name in topologies and metrics.
 pub const NAME: &str = "ingest-validator";

@@ -220,11 +220,9 @@ fn from_json(json: Value, msg: &Message) -> Result<Event, Outcome> {
     let event_id = match event_id {
         Some(id) => Uuid::parse_str(&id)
             .map_err(|e| invalid(&format!("event_id {id:?} is not a UUID: {e}")))?,
-        // Derived from where the message sits, so a redelivery gets the same id.
-        None => Uuid::new_v5(
-            &SLUICE_NAMESPACE,
-            format!("ingest:{}:{}:{}", msg.topic, msg.partition, msg.offset).as_bytes(),
-        ),
+        // Derived from where the message sits, so a redelivery gets the same id; a dead
+        // letter re-driven by an operator keeps the place it first had.
+        None => Uuid::new_v5(&SLUICE_NAMESPACE, origin(msg).as_bytes()),
     };
     // Built directly rather than with `Event::new`, which draws a random id (a syscall per
     // event on the hot path) only to have it replaced; `ingested_at` is set by the caller.
@@ -242,6 +240,22 @@ fn from_json(json: Value, msg: &Message) -> Result<Event, Outcome> {
             Some(TraceContext::new(traceparent, tracestate).map_err(|e| invalid(&e))?);
     }
     Ok(event)
+}
+
+/// Header a DLQ re-drive sets to the record's first place, `<topic>:<partition>:<offset>`.
+pub const DLQ_ORIGIN_HEADER: &str = "sluice-dlq-origin";
+
+/// Where the record was first consumed: what an id is derived from when the device sent none.
+fn origin(msg: &Message) -> String {
+    let first = msg
+        .headers
+        .iter()
+        .find(|h| h.key == DLQ_ORIGIN_HEADER)
+        .and_then(|h| std::str::from_utf8(&h.value).ok());
+    match first {
+        Some(place) => format!("ingest:{place}"),
+        None => format!("ingest:{}:{}:{}", msg.topic, msg.partition, msg.offset),
+    }
 }
 
 fn source_of(msg: &Message) -> Source {

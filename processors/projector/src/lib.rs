@@ -64,7 +64,8 @@ pub struct Settings {
     pub group: String,
     /// The events topics.
     pub inputs: Vec<String>,
-    /// The projection version written (a rebuild writes a new one beside the live one).
+    /// The projection version written while the store records none; after that, the live one
+    /// recorded in the store (and the one a rebuild is building, beside it).
     pub version: i32,
     /// Rollups and retention.
     pub config: ProjectorConfig,
@@ -340,9 +341,46 @@ impl<S: SchemaSource> Worker<'_, S> {
             }
             self.stats.rejected.fetch_add(1, Ordering::Relaxed);
         }
+        // The versions to write, asked after the batch was read: a rebuild that started
+        // before this read gets the batch here; one that started after reads these events
+        // from the event store, where they already are (docs/operations.md, "Rebuilds").
+        let store = self.store;
+        let Some(targets) = self
+            .retrying("cannot read the projection versions", || {
+                store.projection_targets(&settings.name, settings.version)
+            })
+            .await?
+        else {
+            return Ok(false);
+        };
+        for lane in &mut lanes {
+            lane.version = targets[0];
+        }
+        // A version being rebuilt is written first and without offsets: a crash between the
+        // two writes redoes both, and both are idempotent.
+        for &building in &targets[1..] {
+            let copies: Vec<ProjectionBatch> = lanes
+                .iter()
+                .map(|lane| ProjectionBatch {
+                    version: building,
+                    offsets: Vec::new(),
+                    ..lane.clone()
+                })
+                .collect();
+            let written = futures::future::join_all(copies.iter().map(|copy| {
+                self.retrying("cannot write the version being rebuilt", move || {
+                    store.project(copy)
+                })
+            }))
+            .await;
+            for w in written {
+                if w?.is_none() {
+                    return Ok(false);
+                }
+            }
+        }
         // Each lane commits its own partitions' offsets, so one may commit without another
         // (a retry or a crash then redoes only the other's partitions).
-        let store = self.store;
         let written =
             futures::future::join_all(lanes.iter().map(|lane| {
                 self.retrying("cannot write projections", move || store.project(lane))

@@ -217,16 +217,31 @@ pub async fn append_round_trips_events<H: Harness>(h: &H) {
     };
     let by_type = store
         .events_in_range(&q(&|q| {
-            q.event_type = Some(EventType::new("device.status").unwrap())
+            q.event_types = vec![EventType::new("device.status").unwrap()]
         }))
         .await
         .unwrap();
     assert_eq!(by_type.len(), 1);
     assert_eq!(by_type[0].event, events[2]);
     let by_agg = store
-        .events_in_range(&q(&|q| q.aggregate_id = Some("dev-1".into())))
+        .events_in_range(&q(&|q| q.aggregate_ids = vec!["dev-1".into()]))
         .await
         .unwrap();
+    let two = q(&|q| {
+        q.aggregate_ids = vec!["dev-1".into(), "dev-0".into()];
+        q.event_types = vec![
+            EventType::new("sensor.reading").unwrap(),
+            EventType::new("device.status").unwrap(),
+        ];
+    });
+    assert_eq!(
+        store.events_in_range(&two).await.unwrap().len() as u64,
+        store.count_events(&two).await.unwrap()
+    );
+    assert_eq!(
+        store.count_events(&EventQuery::default()).await.unwrap(),
+        events.len() as u64
+    );
     assert_eq!(
         by_agg.iter().map(|s| s.event.event_id).collect::<Vec<_>>(),
         vec![events[1].event_id, events[3].event_id, events[5].event_id]
@@ -245,7 +260,7 @@ pub async fn append_round_trips_events<H: Harness>(h: &H) {
     );
     let paged = store
         .events_in_range(&q(&|q| {
-            q.aggregate_id = Some("dev-0".into());
+            q.aggregate_ids = vec!["dev-0".into()];
             q.after_position = positions[0];
             q.limit = 1;
         }))

@@ -1,0 +1,650 @@
+//! `sluice replay`: events from the event store to a topic, or into a new version of a
+//! projection. Every replay is a job in the store (who, what, progress, state): it reports its
+//! progress after each page, so a crashed or interrupted job resumes after the last page done
+//! (`sluice replay resume`), and it sees a cancel at its next page.
+//!
+//! To a topic, events go in position order with their aggregate as key (so in order per
+//! aggregate), marked in their headers with the job and what side effects they may have.
+//! A rebuild registers a new version of the projection that the projector also writes from
+//! then on, fills it from the event store, then switches readers to it and drops the old one
+//! (docs/operations.md, "Rebuilds").
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde_json::{Value, json};
+use sluice_core::{Event, EventType, Replay};
+use sluice_log::{Header, KafkaLog, Log, Producer, Record};
+use sluice_projector::Projected;
+use sluice_schemas::{AnySchemas, EventCodec, HttpRegistry, Registry};
+use sluice_store::{EventQuery, JobState, NewReplayJob, ProjectionBatch, ReplayJob, Store};
+use sluice_topology::{Kind, Topology};
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::{
+    ReplayActions, ReplayArgs, ReplayCommand, ReplayInference, ReplayStart, ReplayWiring,
+};
+use crate::commands::{load_schemas, runtime};
+use crate::ops::{Ops, open_embedded, parse_time, progress};
+
+/// Events per page: read, published or projected, then recorded as progress.
+const PAGE: u32 = 5_000;
+/// A running job not heard of for this long has crashed; `resume` may take it over.
+const STALE_AFTER: Duration = Duration::from_secs(30);
+/// How long readers get to move to a rebuilt version before the old one is dropped (the SQL
+/// endpoint looks every second).
+const DROP_GRACE: Duration = Duration::from_secs(10);
+/// The event types the projector builds its read models from in the event store.
+const PROJECTED_TYPES: [&str; 2] = [EventType::SENSOR_READING, EventType::DEVICE_STATUS];
+
+/// What a job selects and how it runs, as stored in the job.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Selection {
+    from: Option<DateTime<Utc>>,
+    to: Option<DateTime<Utc>>,
+    types: Vec<String>,
+    aggregates: Vec<String>,
+    rate: Option<u32>,
+    actions: ReplayActions,
+    inference: ReplayInference,
+}
+
+impl Selection {
+    fn query(&self) -> Result<EventQuery> {
+        Ok(EventQuery {
+            from: self.from,
+            to: self.to,
+            event_types: self
+                .types
+                .iter()
+                .map(|t| EventType::new(t.clone()))
+                .collect::<Result<_, _>>()?,
+            aggregate_ids: self.aggregates.clone(),
+            ..EventQuery::default()
+        })
+    }
+}
+
+pub fn replay(args: &ReplayArgs) -> Result<ExitCode> {
+    runtime()?.block_on(async {
+        match &args.command {
+            None => start(&args.start).await,
+            Some(ReplayCommand::List { json, target }) => {
+                let ops = Ops::connect(target).await?;
+                let r = list(&ops, *json).await;
+                ops.store.close().await;
+                r
+            }
+            Some(ReplayCommand::Resume { id, wiring, target }) => {
+                let ops = Ops::connect(target).await?;
+                let r = resume(&ops, id, wiring).await;
+                ops.store.close().await;
+                r
+            }
+            Some(ReplayCommand::Cancel { id, target }) => {
+                let ops = Ops::connect(target).await?;
+                let state = ops.store.cancel_replay_job(id, &ops.who, STALE_AFTER).await;
+                ops.store.close().await;
+                match state? {
+                    JobState::Cancelling => println!("job {id} stops at its next page"),
+                    state => println!("job {id} is {state}"),
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+        }
+    })
+}
+
+async fn start(args: &ReplayStart) -> Result<ExitCode> {
+    let now = Utc::now();
+    let selection = Selection {
+        from: args
+            .from
+            .as_deref()
+            .map(|t| parse_time(t, now))
+            .transpose()?,
+        to: args.to.as_deref().map(|t| parse_time(t, now)).transpose()?,
+        types: args.types.clone(),
+        aggregates: args.aggregates.clone(),
+        rate: args.rate,
+        actions: args.actions,
+        inference: args.inference,
+    };
+    for t in &selection.types {
+        EventType::new(t.clone()).map_err(|e| anyhow!("--type {t}: {e}"))?;
+    }
+    if args.rate == Some(0) {
+        bail!("--rate must be at least 1 event per second");
+    }
+    let topology = crate::dev::dev_topology(args.wiring.topology.as_deref())?;
+    let target = match (&args.to_topic, &args.rebuild) {
+        (Some(topic), None) => format!("topic:{topic}"),
+        (None, Some(projection)) => {
+            projector(&topology, projection)?;
+            if !selection.types.is_empty()
+                || !selection.aggregates.is_empty()
+                || selection.from.is_some()
+                || selection.to.is_some()
+            {
+                bail!(
+                    "a rebuild reads the whole event store (a partial history would be a wrong \
+                     projection): drop --from, --to, --type and --aggregate"
+                );
+            }
+            format!("rebuild:{projection}")
+        }
+        _ => bail!("give --to-topic TOPIC or --rebuild PROJECTION"),
+    };
+    let ops = Ops::connect(&args.target).await?;
+    let result = async {
+        let mut query = selection.query()?;
+        if target.starts_with("rebuild:") {
+            query.event_types = PROJECTED_TYPES
+                .iter()
+                .map(|t| EventType::new(*t))
+                .collect::<Result<_, _>>()?;
+        }
+        let total = ops.store.count_events(&query).await?;
+        if args.dry_run {
+            println!(
+                "would replay {total} event(s) ({}) to {}; nothing changed",
+                describe(&selection),
+                target.replace(':', " ")
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        let job_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+        let job = ops
+            .store
+            .create_replay_job(&NewReplayJob {
+                job_id,
+                created_by: ops.who.clone(),
+                selection: serde_json::to_value(&selection)?,
+                target,
+                total,
+            })
+            .await?;
+        eprintln!(
+            "replay job {} started: {total} event(s) to {} (resume with `sluice replay resume {}`)",
+            job.job_id, job.target, job.job_id
+        );
+        run_job(&ops, &job, &topology, &args.wiring).await
+    }
+    .await;
+    ops.store.close().await;
+    result
+}
+
+async fn resume(ops: &Ops, id: &str, wiring: &ReplayWiring) -> Result<ExitCode> {
+    let topology = crate::dev::dev_topology(wiring.topology.as_deref())?;
+    let job = ops
+        .store
+        .resume_replay_job(id, &ops.who, STALE_AFTER)
+        .await?;
+    eprintln!(
+        "replay job {} resumed after position {} ({} of {} done)",
+        job.job_id, job.cursor, job.done, job.total
+    );
+    run_job(ops, &job, &topology, wiring).await
+}
+
+async fn list(ops: &Ops, json: bool) -> Result<ExitCode> {
+    let jobs = ops.store.replay_jobs(100).await?;
+    if json {
+        let rows: Vec<Value> = jobs.iter().map(job_json).collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if jobs.is_empty() {
+        println!("no replay jobs");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<12}  {:<20}  {:<10}  {:>19}  {:<32}  by",
+        "job", "created", "state", "done/total", "target"
+    );
+    for j in &jobs {
+        let mut state = j.state.to_string();
+        if matches!(j.state, JobState::Running | JobState::Cancelling)
+            && Utc::now() - j.heartbeat_at
+                > chrono::TimeDelta::from_std(STALE_AFTER).unwrap_or_default()
+        {
+            state.push_str(" (stale)");
+        }
+        println!(
+            "{:<12}  {:<20}  {:<10}  {:>19}  {:<32}  {}",
+            j.job_id,
+            j.created_at.to_rfc3339_opts(SecondsFormat::Secs, true),
+            state,
+            format!("{}/{}", j.done, j.total),
+            j.target,
+            j.created_by
+        );
+        if let Some(e) = &j.error {
+            println!("{:<12}  error: {e}", "");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn job_json(j: &ReplayJob) -> Value {
+    json!({
+        "job_id": j.job_id, "created_by": j.created_by, "created_at": j.created_at,
+        "selection": j.selection, "target": j.target, "state": j.state.as_str(),
+        "total": j.total, "done": j.done, "cursor": j.cursor, "started_at": j.started_at,
+        "heartbeat_at": j.heartbeat_at, "finished_at": j.finished_at, "error": j.error,
+    })
+}
+
+fn describe(s: &Selection) -> String {
+    let mut parts = Vec::new();
+    if !s.types.is_empty() {
+        parts.push(format!("types {}", s.types.join(", ")));
+    }
+    if !s.aggregates.is_empty() {
+        parts.push(format!("aggregates {}", s.aggregates.join(", ")));
+    }
+    if let Some(t) = s.from {
+        parts.push(format!(
+            "from {}",
+            t.to_rfc3339_opts(SecondsFormat::Secs, true)
+        ));
+    }
+    if let Some(t) = s.to {
+        parts.push(format!(
+            "to {}",
+            t.to_rfc3339_opts(SecondsFormat::Secs, true)
+        ));
+    }
+    if parts.is_empty() {
+        "every event".into()
+    } else {
+        parts.join("; ")
+    }
+}
+
+/// The projector named `name`, or which projectors there are.
+fn projector<'a>(topology: &'a Topology, name: &str) -> Result<&'a sluice_topology::Processor> {
+    match topology.processor(name) {
+        Some(p) if p.kind == Kind::Projector => Ok(p),
+        _ => {
+            let names: Vec<&str> = topology
+                .processors
+                .iter()
+                .filter(|p| p.kind == Kind::Projector)
+                .map(|p| p.name.as_str())
+                .collect();
+            bail!(
+                "no projector {name:?} in the topology; projections are named after their projector: {}",
+                names.join(", ")
+            )
+        }
+    }
+}
+
+/// Runs `job` to its end, a cancel, an interrupt (Ctrl-C: the job is left failed, to resume)
+/// or an error (likewise).
+async fn run_job(
+    ops: &Ops,
+    job: &ReplayJob,
+    topology: &Topology,
+    wiring: &ReplayWiring,
+) -> Result<ExitCode> {
+    let selection: Selection = serde_json::from_value(job.selection.clone())
+        .context("the job's selection is not one this version understands")?;
+    let stop = CancellationToken::new();
+    let on_signal = stop.clone();
+    let signal = tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            on_signal.cancel();
+        }
+    });
+    let outcome = if let Some(topic) = job.target.strip_prefix("topic:") {
+        let url = ops.log_url()?.to_owned();
+        let codec = Arc::new(EventCodec::new(schemas(ops, wiring)?));
+        if url.starts_with("embedded://") {
+            let log = open_embedded(&url)?;
+            crate::run::ensure_topics(&log, topology, &[topic], true).await?;
+            to_topic(ops, job, &selection, &log, topic, &codec, &stop).await
+        } else if url.starts_with("kafka://") {
+            let log = KafkaLog::from_url(&url)?;
+            to_topic(ops, job, &selection, &log, topic, &codec, &stop).await
+        } else {
+            Err(anyhow!(
+                "invalid log URL {url:?}: expected embedded://DIR or kafka://host:port"
+            ))
+        }
+    } else if let Some(projection) = job.target.strip_prefix("rebuild:") {
+        rebuild(ops, job, topology, projection, &stop).await
+    } else {
+        Err(anyhow!(
+            "job {} has an unknown target {}",
+            job.job_id,
+            job.target
+        ))
+    };
+    signal.abort();
+    match outcome {
+        Ok(Ended::Done(summary)) => {
+            ops.store
+                .finish_replay_job(&job.job_id, JobState::Done, None)
+                .await?;
+            println!("{summary}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Ok(Ended::Cancelled) => {
+            ops.store
+                .finish_replay_job(&job.job_id, JobState::Cancelled, None)
+                .await?;
+            println!("job {} cancelled", job.job_id);
+            Ok(ExitCode::FAILURE)
+        }
+        Ok(Ended::Interrupted) => {
+            ops.store
+                .finish_replay_job(&job.job_id, JobState::Failed, Some("interrupted"))
+                .await?;
+            eprintln!(
+                "interrupted; resume with `sluice replay resume {}`",
+                job.job_id
+            );
+            Ok(ExitCode::from(130))
+        }
+        Err(e) => {
+            let message = format!("{e:#}");
+            // Best effort: the job stays resumable even if this write fails (it goes stale).
+            let _ = ops
+                .store
+                .finish_replay_job(&job.job_id, JobState::Failed, Some(&message))
+                .await;
+            Err(e.context(format!(
+                "replay job {} failed; fix the cause and `sluice replay resume {}`",
+                job.job_id, job.job_id
+            )))
+        }
+    }
+}
+
+enum Ended {
+    Done(String),
+    Cancelled,
+    Interrupted,
+}
+
+/// The registry replayed events are encoded with: the one their consumers decode with.
+fn schemas(ops: &Ops, wiring: &ReplayWiring) -> Result<AnySchemas> {
+    if let Some(url) = &wiring.registry {
+        let registry = HttpRegistry::new(url)
+            .with_context(|| format!("cannot use the schema registry {url}"))?;
+        return Ok(AnySchemas::Remote(Arc::new(registry)));
+    }
+    if wiring.schemas.is_none()
+        && let Some(dir) = &ops.data_dir
+    {
+        // `sluice dev`'s own registry, so schema ids match what its processors know.
+        let registry_dir = dir.join("registry");
+        let registry = Registry::open(&registry_dir)
+            .with_context(|| format!("cannot open the registry in {}", registry_dir.display()))?;
+        return Ok(AnySchemas::Local(Arc::new(registry)));
+    }
+    let dir = wiring
+        .schemas
+        .clone()
+        .unwrap_or_else(|| std::path::PathBuf::from("schemas"));
+    let registry = Arc::new(Registry::in_memory());
+    registry
+        .register_dir(&load_schemas(&dir)?)
+        .with_context(|| format!("cannot register the schemas of {}", dir.display()))?;
+    Ok(AnySchemas::Local(registry))
+}
+
+/// Keeps a job under `rate` events per second.
+struct Pacer {
+    rate: Option<u32>,
+    started: Instant,
+    base: u64,
+}
+
+impl Pacer {
+    async fn wait(&self, done: u64, stop: &CancellationToken) {
+        let Some(rate) = self.rate else { return };
+        let due = Duration::from_secs_f64((done - self.base) as f64 / f64::from(rate));
+        let elapsed = self.started.elapsed();
+        if due > elapsed {
+            tokio::select! {
+                () = tokio::time::sleep(due - elapsed) => {}
+                () = stop.cancelled() => {}
+            }
+        }
+    }
+}
+
+fn page_size(rate: Option<u32>) -> u32 {
+    // A rated job pages at most every 100 ms, so its progress and pace stay smooth.
+    rate.map_or(PAGE, |r| (r / 10).clamp(1, PAGE))
+}
+
+async fn to_topic<L: Log>(
+    ops: &Ops,
+    job: &ReplayJob,
+    selection: &Selection,
+    log: &L,
+    topic: &str,
+    codec: &EventCodec<AnySchemas>,
+    stop: &CancellationToken,
+) -> Result<Ended> {
+    let producer = log.producer()?;
+    let mark = Replay {
+        job_id: job.job_id.clone(),
+        fire_actions: selection.actions == ReplayActions::Fire,
+        rescore: selection.inference == ReplayInference::Rescore,
+    };
+    let mark_headers: Vec<Header> = mark
+        .headers()
+        .into_iter()
+        .map(|(key, value)| Header {
+            key: key.into(),
+            value,
+        })
+        .collect();
+    let mut query = selection.query()?;
+    query.limit = page_size(selection.rate);
+    query.after_position = job.cursor;
+    let bar = progress(job.total, &format!("replay {}", job.job_id));
+    bar.set_position(job.done);
+    let pacer = Pacer {
+        rate: selection.rate,
+        started: Instant::now(),
+        base: job.done,
+    };
+    let mut done = job.done;
+    let started = Instant::now();
+    // The next page is read while this one is encoded and published.
+    let mut next = Some(tokio::spawn(fetch(ops.store.clone(), query.clone())));
+    while let Some(fetching) = next.take() {
+        let page = fetching.await.context("the reader task failed")??;
+        let Some(last) = page.last() else { break };
+        let cursor = last.position;
+        query.after_position = cursor;
+        next = Some(tokio::spawn(fetch(ops.store.clone(), query.clone())));
+        let mut records = Vec::with_capacity(page.len());
+        for stored in &page {
+            records.push(
+                record(codec, &stored.event, &mark_headers)
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "cannot encode event {} (position {})",
+                            stored.event.event_id, stored.position
+                        )
+                    })?,
+            );
+        }
+        producer
+            .send(topic, records)
+            .await
+            .with_context(|| format!("cannot publish to {topic}"))?;
+        done += page.len() as u64;
+        bar.set_position(done);
+        let state = ops
+            .store
+            .replay_job_progress(&job.job_id, cursor, done)
+            .await?;
+        if state == JobState::Cancelling {
+            bar.abandon();
+            return Ok(Ended::Cancelled);
+        }
+        if stop.is_cancelled() {
+            bar.abandon();
+            return Ok(Ended::Interrupted);
+        }
+        pacer.wait(done, stop).await;
+    }
+    bar.finish_and_clear();
+    let secs = started.elapsed().as_secs_f64().max(1e-9);
+    Ok(Ended::Done(format!(
+        "replay job {}: {} event(s) published to {topic} in {:.1}s ({:.0} events/s); actions {}, inference {}",
+        job.job_id,
+        done - job.done,
+        secs,
+        (done - job.done) as f64 / secs,
+        if mark.fire_actions {
+            "fired"
+        } else {
+            "suppressed"
+        },
+        if mark.rescore { "re-scored" } else { "skipped" },
+    )))
+}
+
+async fn fetch(store: Store, query: EventQuery) -> Result<Vec<sluice_store::StoredEvent>> {
+    Ok(store.events_in_range(&query).await?)
+}
+
+async fn record(codec: &EventCodec<AnySchemas>, event: &Event, mark: &[Header]) -> Result<Record> {
+    let (value, _) = codec.encode(event).await?;
+    let mut headers = Vec::with_capacity(mark.len() + 2);
+    headers.push(Header {
+        key: "event_type".into(),
+        value: event.event_type.as_str().as_bytes().to_vec(),
+    });
+    if let Some(trace) = &event.metadata.trace {
+        headers.push(Header {
+            key: "traceparent".into(),
+            value: trace.traceparent.as_bytes().to_vec(),
+        });
+    }
+    headers.extend_from_slice(mark);
+    Ok(Record {
+        key: Some(event.aggregate_id.as_bytes().to_vec()),
+        value,
+        headers,
+        timestamp_ms: Some(event.occurred_at.timestamp_millis()),
+    })
+}
+
+async fn rebuild(
+    ops: &Ops,
+    job: &ReplayJob,
+    topology: &Topology,
+    projection: &str,
+    stop: &CancellationToken,
+) -> Result<Ended> {
+    let projector = projector(topology, projection)?;
+    let initial = crate::run::projector_settings(projector).version;
+    let store = &ops.store;
+    let version = store
+        .begin_projection_version(projection, initial, &job.job_id)
+        .await?;
+    let live = store.live_version(projection, initial).await?;
+    eprintln!(
+        "building version {version} of {projection} beside live version {live}; the projector writes both meanwhile"
+    );
+    let mut query = EventQuery {
+        event_types: PROJECTED_TYPES
+            .iter()
+            .map(|t| EventType::new(*t))
+            .collect::<Result<_, _>>()?,
+        after_position: job.cursor,
+        limit: PAGE,
+        ..EventQuery::default()
+    };
+    let lanes = match store.backend() {
+        sluice_store::Backend::Postgres => 2,
+        sluice_store::Backend::Sqlite => 1,
+    };
+    let bar = progress(job.total, &format!("rebuild {projection} v{version}"));
+    bar.set_position(job.done);
+    let (mut done, mut unprojectable) = (job.done, 0u64);
+    let started = Instant::now();
+    let mut next = Some(tokio::spawn(fetch(store.clone(), query.clone())));
+    while let Some(fetching) = next.take() {
+        let page = fetching.await.context("the reader task failed")??;
+        let Some(last) = page.last() else { break };
+        let cursor = last.position;
+        query.after_position = cursor;
+        next = Some(tokio::spawn(fetch(store.clone(), query.clone())));
+        // A device's events stay in one lane: the store assumes one writer per device.
+        let mut by_lane: Vec<ProjectionBatch> = (0..lanes)
+            .map(|_| ProjectionBatch {
+                version,
+                ..ProjectionBatch::default()
+            })
+            .collect();
+        for stored in &page {
+            let lane = &mut by_lane[lane_of(&stored.event.aggregate_id, lanes)];
+            match sluice_projector::project(&stored.event) {
+                Ok(Projected::Reading(r)) => lane.readings.push(*r),
+                Ok(Projected::Status(s)) => lane.statuses.push(s),
+                Ok(_) => {}
+                // The live projector dead-lettered it when it came; counted, not again.
+                Err(_) => unprojectable += 1,
+            }
+        }
+        futures::future::try_join_all(by_lane.iter().map(|b| store.project(b))).await?;
+        done += page.len() as u64;
+        bar.set_position(done);
+        let state = store.replay_job_progress(&job.job_id, cursor, done).await?;
+        if state == JobState::Cancelling {
+            bar.abandon();
+            store
+                .abandon_projection_version(projection, version)
+                .await?;
+            return Ok(Ended::Cancelled);
+        }
+        if stop.is_cancelled() {
+            bar.abandon();
+            return Ok(Ended::Interrupted);
+        }
+    }
+    bar.finish_and_clear();
+    let built = started.elapsed();
+    let retired = store
+        .switch_projection_version(projection, version, &ops.who)
+        .await?;
+    eprintln!(
+        "readers switched to version {version}; dropping version {retired} in {}s",
+        DROP_GRACE.as_secs()
+    );
+    tokio::select! {
+        () = tokio::time::sleep(DROP_GRACE) => {}
+        () = stop.cancelled() => {}
+    }
+    let dropped = store.drop_retired_version(projection, retired).await?;
+    let n = done - job.done;
+    let secs = built.as_secs_f64().max(1e-9);
+    Ok(Ended::Done(format!(
+        "rebuilt {projection} as version {version} from {n} event(s) in {secs:.1}s ({:.0} events/s); \
+         {unprojectable} unprojectable; version {retired} dropped ({dropped} rows)",
+        n as f64 / secs
+    )))
+}
+
+fn lane_of(device: &str, lanes: usize) -> usize {
+    let h = device.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    (h % lanes as u64) as usize
+}
