@@ -719,10 +719,14 @@ pub enum ReplayCommand {
         #[command(flatten)]
         target: OpsTarget,
     },
-    /// Resume a failed or crashed job where it stopped.
+    /// Resume a failed or crashed job where it stopped. A job still marked running is taken
+    /// over once its worker has been silent for 30 s, or at once with --force.
     Resume {
         /// The job id.
         id: String,
+        /// Take the job over now: its worker is known to be dead.
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         wiring: ReplayWiring,
         #[command(flatten)]

@@ -116,7 +116,7 @@ async fn list(
             e.failed_at.to_rfc3339_opts(SecondsFormat::Secs, true),
             e.processor,
             e.error_class,
-            e.status,
+            e.status.as_str(),
             format!("{}:{}@{}", e.topic, e.partition, e.offset),
         );
     }

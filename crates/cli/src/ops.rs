@@ -49,9 +49,7 @@ impl Ops {
             let store = Store::connect(&format!("sqlite://{}", db.display()), opts)
                 .await
                 .with_context(|| format!("cannot open the store in {}", dir.display()))?;
-            let user = std::env::var("USER")
-                .or_else(|_| std::env::var("LOGNAME"))
-                .unwrap_or_else(|_| "unknown".into());
+            let user = local_user();
             let log_url = target
                 .log
                 .clone()
@@ -100,6 +98,20 @@ impl Ops {
             anyhow!("this command publishes: give --log kafka://host:port (or SLUICE__LOG)")
         })
     }
+}
+
+/// The name of the user running this command, for the audit log.
+fn local_user() -> String {
+    std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .ok()
+        .filter(|u| !u.is_empty())
+        .or_else(|| {
+            let out = std::process::Command::new("id").arg("-un").output().ok()?;
+            let name = String::from_utf8(out.stdout).ok()?.trim().to_owned();
+            (!name.is_empty()).then_some(name)
+        })
+        .unwrap_or_else(|| "unknown".into())
 }
 
 /// Opens the embedded log at `url`, saying what to do when `sluice dev` holds it.

@@ -225,17 +225,16 @@ async fn local(dir: &std::path::Path, query: &str) -> Result<Output> {
         .await
         .with_context(|| format!("cannot open the store {url}"))?;
     let settings = Settings::new("projector", &[]);
+    // The version readers see: a rebuild may have replaced the first one.
+    let version = store
+        .live_version(&settings.projector_group, settings.version)
+        .await
+        .context("cannot read the live projection version")?;
     let hot = Arc::new(Hot::new(settings.hot_window));
-    sluice_query::follow::load(
-        &hot,
-        &store,
-        settings.version,
-        "projector",
-        chrono::Utc::now(),
-    )
-    .await
-    .context("cannot load the read models")?;
-    let engine = Engine::new(hot, store.clone(), settings.version, settings.limits)?;
+    sluice_query::follow::load(&hot, &store, version, "projector", chrono::Utc::now())
+        .await
+        .context("cannot load the read models")?;
+    let engine = Engine::new(hot, store.clone(), version, settings.limits)?;
     let result = engine.query(query).await;
     store.close().await;
     result.map_err(|e| anyhow!("{e}"))

@@ -78,9 +78,14 @@ pub fn replay(args: &ReplayArgs) -> Result<ExitCode> {
                 ops.store.close().await;
                 r
             }
-            Some(ReplayCommand::Resume { id, wiring, target }) => {
+            Some(ReplayCommand::Resume {
+                id,
+                force,
+                wiring,
+                target,
+            }) => {
                 let ops = Ops::connect(target).await?;
-                let r = resume(&ops, id, wiring).await;
+                let r = resume(&ops, id, *force, wiring).await;
                 ops.store.close().await;
                 r
             }
@@ -178,12 +183,21 @@ async fn start(args: &ReplayStart) -> Result<ExitCode> {
     result
 }
 
-async fn resume(ops: &Ops, id: &str, wiring: &ReplayWiring) -> Result<ExitCode> {
+async fn resume(ops: &Ops, id: &str, force: bool, wiring: &ReplayWiring) -> Result<ExitCode> {
     let topology = crate::dev::dev_topology(wiring.topology.as_deref())?;
+    let stale_after = if force { Duration::ZERO } else { STALE_AFTER };
     let job = ops
         .store
-        .resume_replay_job(id, &ops.who, STALE_AFTER)
-        .await?;
+        .resume_replay_job(id, &ops.who, stale_after)
+        .await
+        .map_err(|e| match e {
+            sluice_store::Error::InvalidArgument { reason, .. }
+                if !force && reason.contains("heard of") =>
+            {
+                anyhow!("{reason}; if its worker is dead, add --force")
+            }
+            e => e.into(),
+        })?;
     eprintln!(
         "replay job {} resumed after position {} ({} of {} done)",
         job.job_id, job.cursor, job.done, job.total
@@ -552,6 +566,7 @@ async fn rebuild(
     projection: &str,
     stop: &CancellationToken,
 ) -> Result<Ended> {
+    let selection: Selection = serde_json::from_value(job.selection.clone())?;
     let projector = projector(topology, projection)?;
     let initial = crate::run::projector_settings(projector).version;
     let store = &ops.store;
@@ -568,8 +583,13 @@ async fn rebuild(
             .map(|t| EventType::new(*t))
             .collect::<Result<_, _>>()?,
         after_position: job.cursor,
-        limit: PAGE,
+        limit: page_size(selection.rate),
         ..EventQuery::default()
+    };
+    let pacer = Pacer {
+        rate: selection.rate,
+        started: Instant::now(),
+        base: job.done,
     };
     let lanes = match store.backend() {
         sluice_store::Backend::Postgres => 2,
@@ -618,6 +638,7 @@ async fn rebuild(
             bar.abandon();
             return Ok(Ended::Interrupted);
         }
+        pacer.wait(done, stop).await;
     }
     bar.finish_and_clear();
     let built = started.elapsed();
