@@ -46,7 +46,7 @@ pub enum Command {
     /// actions as suppressed (unless --actions fire) and the inferencer does not score them
     /// again (unless --inference rescore). Needs --data-dir (local), or --store with an
     /// operator key.
-    Replay(ReplayArgs),
+    Replay(Box<ReplayArgs>),
     /// List, inspect, re-drive and discard dead letters.
     ///
     /// Needs --data-dir (local), or --store with an operator key; every change is audited.

@@ -93,7 +93,7 @@ async fn list(
     };
     let entries = ops.store.dlq_list(&filter).await?;
     if json {
-        let rows: Vec<Value> = entries.iter().map(|e| summary(e)).collect();
+        let rows: Vec<Value> = entries.iter().map(summary).collect();
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(ExitCode::SUCCESS);
     }
@@ -369,7 +369,7 @@ async fn publish<L: Log>(ops: &Ops, log: &L, entries: &[DlqEntry]) -> Result<u64
     }
     for (topic, list) in by_topic {
         for chunk in list.chunks(CHUNK) {
-            let records: Vec<Record> = chunk.iter().map(|e| record(e)).collect();
+            let records: Vec<Record> = chunk.iter().copied().map(record).collect();
             producer.send(topic, records).await.map_err(|e| {
                 anyhow::anyhow!("cannot publish to {topic}: {e}; {done} re-published before this, the rest stay pending")
             })?;
