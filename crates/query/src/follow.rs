@@ -6,7 +6,7 @@
 //! applies what the projector would: messages below the offsets are already in the snapshot.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -19,10 +19,14 @@ use uuid::Uuid;
 
 use crate::hot::{Hot, HotReading, Latest, METRICS};
 
-/// What the follower did.
+/// What the follower did, and which projection version is served.
 #[derive(Debug, Default)]
 pub struct FollowStats {
-    /// Readings loaded from the store at start.
+    /// The projection version served.
+    pub version: AtomicI32,
+    /// Checks of the live projection version done while serving, failed ones included.
+    pub version_checks: AtomicU64,
+    /// Readings loaded from the store for the version served, at start or at its switch.
     pub loaded: AtomicU64,
     /// Messages applied from the stream.
     pub applied: AtomicU64,

@@ -2,8 +2,6 @@
 //! default, `text/csv`, or an Arrow IPC stream (`application/vnd.apache.arrow.stream`).
 //! Errors are JSON: `{"error": {"kind", "message", "line", "column"}}`.
 
-use std::sync::Arc;
-
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -17,7 +15,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::auth::{Denied, Keys};
-use crate::{Engine, Output, QueryError};
+use crate::{Output, QueryError, Served};
 
 /// The media type of an Arrow IPC stream.
 pub const ARROW_STREAM: &str = "application/vnd.apache.arrow.stream";
@@ -25,7 +23,7 @@ pub const ARROW_STREAM: &str = "application/vnd.apache.arrow.stream";
 /// What the HTTP front door needs.
 #[derive(Debug, Clone)]
 pub struct Api {
-    engine: Arc<Engine>,
+    served: Served,
     keys: Keys,
 }
 
@@ -35,9 +33,13 @@ struct Request {
 }
 
 impl Api {
-    /// Serves `engine`, admitting keys of `keys`.
-    pub fn new(engine: Arc<Engine>, keys: Keys) -> Api {
-        Api { engine, keys }
+    /// Serves `engine` (one [`Engine`](crate::Engine), or whichever [`Served`] holds at each
+    /// query), admitting keys of `keys`.
+    pub fn new(engine: impl Into<Served>, keys: Keys) -> Api {
+        Api {
+            served: engine.into(),
+            keys,
+        }
     }
 
     /// The routes: `POST /v1/query`.
@@ -112,7 +114,7 @@ async fn query(State(api): State<Api>, headers: HeaderMap, body: Bytes) -> Respo
             );
         }
     };
-    let output = match api.engine.query(&request.sql).await {
+    let output = match api.served.engine().query(&request.sql).await {
         Ok(o) => o,
         Err(e) => {
             tracing::debug!(error = %e, "query refused");

@@ -4,7 +4,9 @@
 //! Hot read models (recent readings, hourly rollups, latest state per device) are Arrow
 //! batches in memory ([`Hot`]), loaded from one store snapshot at start and kept current from
 //! the events stream ([`follow`]). Colder tables (the event store, the DLQ, minute rollups, the
-//! full readings history) are read from the store with filters pushed down.
+//! full readings history) are read from the store with filters pushed down. Both are of the
+//! projection version the store says is live; when a rebuild makes another one live, the
+//! service loads it beside the one it serves and then answers from it ([`Served`]).
 //!
 //! This crate must never run anything but a query: statements are checked before planning
 //! ([`guard`]) and plans again after; and every query runs with a time limit, a memory limit
@@ -18,7 +20,8 @@ pub mod http;
 pub mod pg;
 mod tables;
 
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use datafusion::arrow::datatypes::SchemaRef;
@@ -196,6 +199,7 @@ impl Output {
 /// The tables and how queries run. Cheap to share across connections.
 pub struct Engine {
     ctx: SessionContext,
+    version: i32,
     limits: Limits,
     exec: Executor,
 }
@@ -235,13 +239,31 @@ impl Drop for Executor {
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine")
+            .field("version", &self.version)
             .field("limits", &self.limits)
             .finish_non_exhaustive()
     }
 }
 
-/// The live projection version: what the projector writes unless rebuilding.
+/// The projection version served while the store records none live (before any rebuild).
 pub const LIVE_VERSION: i32 = 1;
+
+/// A session with the endpoint's settings and a memory pool of `limits.memory_bytes`, and no
+/// tables yet.
+pub(crate) fn session(limits: &Limits) -> Result<SessionContext, QueryError> {
+    let config = SessionConfig::new()
+        .with_information_schema(true)
+        .with_target_partitions(2)
+        .with_default_catalog_and_schema("datafusion", "public");
+    let runtime = RuntimeEnvBuilder::new()
+        .with_memory_limit(limits.memory_bytes, 1.0)
+        .with_disk_manager_builder(
+            DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
+        )
+        .build_arc()
+        .map_err(QueryError::from_df)?;
+    Ok(SessionContext::new_with_config_rt(config, runtime))
+}
 
 fn columns(spec: &[(&'static str, ColumnType)]) -> Vec<(String, ColumnType)> {
     spec.iter().map(|(c, t)| ((*c).to_owned(), *t)).collect()
@@ -378,27 +400,15 @@ impl Engine {
     /// `readings_1h`, `device_latest`) and the store's `events`, `dlq`, `readings_1m`,
     /// `anomalies`, and the executor's `actions` and `action_ledger`;
     /// schema `store` holds the store's own read models of `version` (the full `readings`
-    /// history, `readings_1h`, `device_latest`).
+    /// history, `readings_1h`, `device_latest`). Made inside a Tokio runtime, which the store
+    /// reads run on.
     pub fn new(
         hot: Arc<Hot>,
         store: Store,
         version: i32,
         limits: Limits,
     ) -> Result<Engine, QueryError> {
-        let config = SessionConfig::new()
-            .with_information_schema(true)
-            .with_target_partitions(2)
-            .with_default_catalog_and_schema("datafusion", "public");
-        // Prepared statements over the Postgres protocol run in this session: its memory pool
-        // bounds them; everything else runs with a pool of its own (see `run`).
-        let runtime = RuntimeEnvBuilder::new()
-            .with_memory_limit(limits.memory_bytes, 1.0)
-            .with_disk_manager_builder(
-                DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
-            )
-            .build_arc()
-            .map_err(QueryError::from_df)?;
-        let ctx = SessionContext::new_with_config_rt(config, runtime);
+        let ctx = session(&limits)?;
         let partitions = 2;
         let reg = |name: &str, table: Arc<dyn datafusion::datasource::TableProvider>| {
             ctx.register_table(name, table)
@@ -423,9 +433,13 @@ impl Engine {
             value: Value::Int(i64::from(version)),
         }];
         let max = limits.max_store_rows;
+        let io = tokio::runtime::Handle::try_current().map_err(|e| {
+            QueryError::Internal(format!("an engine is made inside a Tokio runtime: {e}"))
+        })?;
         let cold = |table, spec: Vec<(String, ColumnType)>, fixed: &Vec<Filter>| {
             Arc::new(ColdTable::new(
                 store.clone(),
+                io.clone(),
                 table,
                 spec,
                 fixed.clone(),
@@ -471,7 +485,18 @@ impl Engine {
         .map_err(|e| QueryError::from_df(*e))?;
         let exec = Executor::new()
             .map_err(|e| QueryError::Internal(format!("cannot start the query threads: {e}")))?;
-        Ok(Engine { ctx, limits, exec })
+        Ok(Engine {
+            ctx,
+            version,
+            limits,
+            exec,
+        })
+    }
+
+    /// The projection version the store tables of schema `store` (and the hot tables loaded
+    /// with this engine) are of.
+    pub fn version(&self) -> i32 {
+        self.version
     }
 
     /// The limits every query runs under.
@@ -626,15 +651,59 @@ mod tests {
     }
 }
 
+/// The engine that answers queries now. The query service replaces it whole when the live
+/// projection version changes; a query takes the engine once and keeps it to its end, so it
+/// reads one version, never a mix of two.
+#[derive(Debug, Clone)]
+pub struct Served(Arc<RwLock<Arc<Engine>>>);
+
+impl Served {
+    /// Serves `engine` until it is replaced.
+    pub fn new(engine: Arc<Engine>) -> Served {
+        Served(Arc::new(RwLock::new(engine)))
+    }
+
+    /// The engine to answer the next query with.
+    pub fn engine(&self) -> Arc<Engine> {
+        // Nothing can panic while the lock is held, so even a poisoned one holds an engine.
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The projection version served.
+    pub fn version(&self) -> i32 {
+        self.engine().version()
+    }
+
+    /// Answers later queries from `engine`; queries already running finish on the old one,
+    /// which is returned so that it is dropped outside the lock.
+    fn replace(&self, engine: Arc<Engine>) -> Arc<Engine> {
+        let mut served = self.0.write().unwrap_or_else(PoisonError::into_inner);
+        std::mem::replace(&mut *served, engine)
+    }
+}
+
+impl From<Arc<Engine>> for Served {
+    fn from(engine: Arc<Engine>) -> Served {
+        Served::new(engine)
+    }
+}
+
 /// What the query service reads and how it answers.
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// The events topics the hot tables follow (the projector's inputs).
     pub inputs: Vec<String>,
-    /// The projector's consumer group: its store offsets say what a snapshot reflects.
+    /// The projector's consumer group: its store offsets say what a snapshot reflects. It is
+    /// also the projection's name, whose live version is served.
     pub projector_group: String,
-    /// The projection version served.
+    /// The projection version served while the store records none live (before any rebuild).
     pub version: i32,
+    /// How often the store is asked which projection version is live. A switch made by a
+    /// rebuild is served within about this, plus the time to load the new version.
+    pub version_poll: Duration,
     /// How far back (device time) readings are held in memory.
     pub hot_window: Duration,
     /// Bounds on every query.
@@ -648,6 +717,7 @@ impl Settings {
             inputs: inputs.to_vec(),
             projector_group: projector_group.to_owned(),
             version: LIVE_VERSION,
+            version_poll: Duration::from_secs(1),
             hot_window: Duration::from_secs(24 * 3600),
             limits: Limits::default(),
         }
@@ -671,8 +741,40 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
 }
 
-/// Runs the query service until `shutdown`: loads the hot tables, answers on the given
-/// listeners (HTTP and the Postgres wire protocol), and follows the events meanwhile.
+/// One projection version, loaded: its hot tables, the offsets they reflect, and an engine
+/// over them.
+struct Loaded {
+    engine: Arc<Engine>,
+    hot: Arc<Hot>,
+    floors: follow::Floors,
+}
+
+async fn load(settings: &Settings, store: &Store, version: i32) -> Result<Loaded, ServeError> {
+    let hot = Arc::new(Hot::new(settings.hot_window));
+    let floors = follow::load(
+        &hot,
+        store,
+        version,
+        &settings.projector_group,
+        chrono::Utc::now(),
+    )
+    .await?;
+    let engine = Arc::new(Engine::new(
+        hot.clone(),
+        store.clone(),
+        version,
+        settings.limits.clone(),
+    )?);
+    Ok(Loaded {
+        engine,
+        hot,
+        floors,
+    })
+}
+
+/// Runs the query service until `shutdown`: loads the hot tables of the live projection
+/// version, answers on the given listeners (HTTP and the Postgres wire protocol), follows the
+/// events meanwhile, and moves to another version when a rebuild makes it live.
 #[allow(clippy::too_many_arguments)]
 pub async fn serve<L: sluice_log::Log, S: sluice_schemas::SchemaSource + 'static>(
     settings: &Settings,
@@ -684,29 +786,26 @@ pub async fn serve<L: sluice_log::Log, S: sluice_schemas::SchemaSource + 'static
     stats: &follow::FollowStats,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<(), ServeError> {
-    let hot = Arc::new(Hot::new(settings.hot_window));
-    let floors = follow::load(
-        &hot,
-        &store,
-        settings.version,
-        &settings.projector_group,
-        chrono::Utc::now(),
-    )
-    .await?;
-    stats
-        .loaded
-        .store(hot.len() as u64, std::sync::atomic::Ordering::Relaxed);
-    tracing::info!(readings = hot.len(), "query service: hot tables loaded");
-    let engine = Arc::new(Engine::new(
-        hot.clone(),
-        store.clone(),
-        settings.version,
-        settings.limits.clone(),
-    )?);
-    let keys = auth::Keys::new(store);
+    let version = store
+        .live_version(&settings.projector_group, settings.version)
+        .await?;
+    let Loaded {
+        engine,
+        hot,
+        floors,
+    } = load(settings, &store, version).await?;
+    stats.loaded.store(hot.len() as u64, Ordering::Relaxed);
+    stats.version.store(version, Ordering::Relaxed);
+    tracing::info!(
+        version,
+        readings = hot.len(),
+        "query service: hot tables loaded"
+    );
+    let served = Served::new(engine);
+    let keys = auth::Keys::new(store.clone());
     let mut servers = tokio::task::JoinSet::new();
     if let Some(listener) = http {
-        let router = http::Api::new(engine.clone(), keys.clone()).router();
+        let router = http::Api::new(served.clone(), keys.clone()).router();
         let stop = shutdown.clone();
         servers.spawn(async move {
             axum::serve(listener, router)
@@ -715,16 +814,11 @@ pub async fn serve<L: sluice_log::Log, S: sluice_schemas::SchemaSource + 'static
         });
     }
     if let Some(listener) = pg {
-        servers.spawn(pg::serve(engine.clone(), keys, listener, shutdown.clone()));
+        servers.spawn(pg::serve(served.clone(), keys, listener, shutdown.clone()));
     }
-    let followed = follow::follow(
-        log,
-        &settings.inputs,
-        &codec,
-        &hot,
-        &floors,
-        stats,
-        shutdown.clone(),
+    let first = (hot, floors);
+    let followed = follow_live(
+        settings, log, &store, &codec, &served, first, stats, &shutdown,
     )
     .await;
     shutdown.cancel();
@@ -735,4 +829,101 @@ pub async fn serve<L: sluice_log::Log, S: sluice_schemas::SchemaSource + 'static
     }
     followed?;
     Ok(())
+}
+
+/// Follows the events into the served hot tables and asks the store every
+/// `settings.version_poll` which version is live. When another one is, loads it beside the
+/// served one (which keeps answering), follows it, answers from it, then stops following the
+/// old one. A version that fails to load is tried again at the next poll.
+#[allow(clippy::too_many_arguments)]
+async fn follow_live<L: sluice_log::Log, S: sluice_schemas::SchemaSource + 'static>(
+    settings: &Settings,
+    log: &L,
+    store: &Store,
+    codec: &sluice_schemas::EventCodec<S>,
+    served: &Served,
+    (hot, floors): (Arc<Hot>, follow::Floors),
+    stats: &follow::FollowStats,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Result<(), sluice_log::Error> {
+    let start = move |hot: Arc<Hot>, floors: follow::Floors| {
+        let stop = shutdown.child_token();
+        let token = stop.clone();
+        let follower = Box::pin(async move {
+            follow::follow(log, &settings.inputs, codec, &hot, &floors, stats, token).await
+        });
+        (stop, follower)
+    };
+    let (mut stop, mut following) = start(hot, floors);
+    // `interval` refuses a zero period.
+    let mut poll = tokio::time::interval(settings.version_poll.max(Duration::from_millis(10)));
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is now, and the live version was just read.
+    poll.tick().await;
+    // One check at a time, on a task of its own so that a slow store or a long load does not
+    // hold the follower up; dropping the set on return aborts it.
+    let mut checks = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            followed = &mut following => return followed,
+            _ = poll.tick(), if checks.is_empty() => {
+                let (settings, store) = (settings.clone(), store.clone());
+                let from = served.version();
+                checks.spawn(async move {
+                    let group = &settings.projector_group;
+                    let live = store.live_version(group, settings.version).await?;
+                    if live == from {
+                        return Ok(None);
+                    }
+                    tracing::info!(from, to = live, "query service: another version is live");
+                    load(&settings, &store, live).await.map(Some)
+                });
+            }
+            Some(checked) = checks.join_next(), if !checks.is_empty() => {
+                stats.version_checks.fetch_add(1, Ordering::Relaxed);
+                let next: Loaded = match checked {
+                    Ok(Ok(Some(next))) => next,
+                    Ok(Ok(None)) => continue,
+                    Ok(Err(e)) => {
+                        tracing::warn!(
+                            error = %e,
+                            version = served.version(),
+                            "query service: cannot read or load the live projection version; \
+                             serving the same one, trying again at the next poll"
+                        );
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "query service: the version check panicked");
+                        continue;
+                    }
+                };
+                let from = served.version();
+                let (to, readings) = (next.engine.version(), next.hot.len());
+                // The new follower starts at its snapshot's offsets, so the new hot tables
+                // catch up with whatever was written during the load: answers may trail by
+                // that much right after the swap, but nothing is missed.
+                let (next_stop, next_following) = start(next.hot, next.floors);
+                // The stats first: whoever sees an answer of the new version sees them too.
+                stats.loaded.store(readings as u64, Ordering::Relaxed);
+                stats.version.store(to, Ordering::Relaxed);
+                served.replace(next.engine);
+                stop.cancel();
+                if let Err(e) = std::mem::replace(&mut following, next_following).await {
+                    tracing::warn!(
+                        error = %e,
+                        version = from,
+                        "query service: the follower of the retired version failed"
+                    );
+                }
+                stop = next_stop;
+                tracing::info!(
+                    from,
+                    to,
+                    readings,
+                    "query service: now serving projection version {to}"
+                );
+            }
+        }
+    }
 }

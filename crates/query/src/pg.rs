@@ -4,6 +4,10 @@
 //! guard, simple queries run under the engine's per-query limits, and prepared (extended)
 //! queries get the row limit in their plan, the time limit as their `statement_timeout`, and
 //! the session's memory pool.
+//!
+//! Every query is planned against the engine served when it runs, prepared ones again at each
+//! execution: a client that keeps a statement prepared must not keep reading a projection
+//! version that a rebuild retired.
 
 use std::fmt::Debug;
 use std::sync::Arc;
@@ -24,9 +28,14 @@ use datafusion_postgres::pgwire::api::auth::{
     DefaultServerParameterProvider, LoginInfo, StartupHandler, finish_authentication,
     protocol_negotiation, save_startup_parameters_to_metadata,
 };
-use datafusion_postgres::pgwire::api::portal::Format;
+use datafusion_postgres::pgwire::api::portal::{Format, Portal};
+use datafusion_postgres::pgwire::api::query::ExtendedQueryHandler;
 use datafusion_postgres::pgwire::api::results::Response;
-use datafusion_postgres::pgwire::api::{ClientInfo, PgWireConnectionState, PgWireServerHandlers};
+use datafusion_postgres::pgwire::api::stmt::StoredStatement;
+use datafusion_postgres::pgwire::api::store::PortalStore;
+use datafusion_postgres::pgwire::api::{
+    ClientInfo, ClientPortalStore, PgWireConnectionState, PgWireServerHandlers,
+};
 use datafusion_postgres::pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
 use datafusion_postgres::pgwire::messages::startup::Authentication;
 use datafusion_postgres::pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
@@ -37,7 +46,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Denied, Keys};
 use crate::guard::{self, Verdict};
-use crate::{Engine, QueryError};
+use crate::{Engine, QueryError, Served};
 
 fn user_error(code: &str, message: impl Into<String>) -> PgWireError {
     PgWireError::UserError(Box::new(ErrorInfo::new(
@@ -61,24 +70,39 @@ fn pg_error(e: &QueryError) -> PgWireError {
     user_error(code, e.to_string())
 }
 
-/// Checks every statement and runs queries under the engine's limits.
-struct Guard {
-    engine: Arc<Engine>,
+/// The plan of a query, checked; `None` for session chatter (`SET`, `SHOW`, `BEGIN`, ...).
+async fn checked_plan(engine: &Engine, statement: &Statement) -> Option<PgWireResult<LogicalPlan>> {
+    match guard::check(statement) {
+        Verdict::Query => {}
+        Verdict::Session => return None,
+        Verdict::Refused(why) => return Some(Err(pg_error(&QueryError::ReadOnly(why)))),
+    }
+    let planned = engine
+        .plan(DfStatement::Statement(Box::new(statement.clone())))
+        .await;
+    Some(planned.map_err(|e| pg_error(&e)))
 }
 
-impl Guard {
-    async fn checked_plan(&self, statement: &Statement) -> Option<PgWireResult<LogicalPlan>> {
-        match guard::check(statement) {
-            Verdict::Query => {}
-            Verdict::Session => return None,
-            Verdict::Refused(why) => return Some(Err(pg_error(&QueryError::ReadOnly(why)))),
-        }
-        let planned = self
-            .engine
-            .plan(DfStatement::Statement(Box::new(statement.clone())))
-            .await;
-        Some(planned.map_err(|e| pg_error(&e)))
-    }
+/// The plan of a prepared query: checked, with the row limit in it.
+async fn prepared_plan(
+    engine: &Engine,
+    statement: &Statement,
+) -> Option<PgWireResult<LogicalPlan>> {
+    let plan = match checked_plan(engine, statement).await? {
+        Ok(plan) => plan,
+        Err(e) => return Some(Err(e)),
+    };
+    Some(
+        LogicalPlanBuilder::from(plan)
+            .limit(0, Some(engine.limits().max_rows))
+            .and_then(LogicalPlanBuilder::build)
+            .map_err(|e| pg_error(&QueryError::from_df(e))),
+    )
+}
+
+/// Checks every statement and runs simple queries under the engine's limits.
+struct Guard {
+    served: Served,
 }
 
 #[async_trait]
@@ -89,17 +113,19 @@ impl QueryHook for Guard {
         _ctx: &SessionContext,
         client: &mut dyn HookClient,
     ) -> Option<PgWireResult<Response>> {
-        let plan = match self.checked_plan(statement).await? {
+        // One engine from planning to the answer, so one projection version.
+        let engine = self.served.engine();
+        let plan = match checked_plan(&engine, statement).await? {
             Ok(plan) => plan,
             Err(e) => return Some(Err(e)),
         };
-        let output = match self.engine.run(plan, std::time::Instant::now()).await {
+        let output = match engine.run(plan, std::time::Instant::now()).await {
             Ok(o) => o,
             Err(e) => return Some(Err(pg_error(&e))),
         };
         // An empty answer keeps its columns.
         let table = datafusion::datasource::MemTable::try_new(output.schema, vec![output.batches]);
-        let frame = match table.and_then(|t| self.engine.context().read_table(Arc::new(t))) {
+        let frame = match table.and_then(|t| engine.context().read_table(Arc::new(t))) {
             Ok(df) => df,
             Err(e) => return Some(Err(user_error("XX000", e.to_string()))),
         };
@@ -111,23 +137,15 @@ impl QueryHook for Guard {
         )
     }
 
+    /// The plan described to the client (parameter and column types); [`Prepared`] plans the
+    /// statement again when it runs.
     async fn handle_extended_parse_query(
         &self,
         statement: &Statement,
         _ctx: &SessionContext,
         _client: &(dyn ClientInfo + Send + Sync),
     ) -> Option<PgWireResult<LogicalPlan>> {
-        let plan = match self.checked_plan(statement).await? {
-            Ok(plan) => plan,
-            Err(e) => return Some(Err(e)),
-        };
-        let max = self.engine.limits().max_rows;
-        Some(
-            LogicalPlanBuilder::from(plan)
-                .limit(0, Some(max))
-                .and_then(LogicalPlanBuilder::build)
-                .map_err(|e| pg_error(&QueryError::from_df(e))),
-        )
+        prepared_plan(&self.served.engine(), statement).await
     }
 
     async fn handle_extended_query(
@@ -139,6 +157,59 @@ impl QueryHook for Guard {
         _client: &mut dyn HookClient,
     ) -> Option<PgWireResult<Response>> {
         None
+    }
+}
+
+/// Runs prepared statements as `datafusion-postgres` does (parameters, result formats,
+/// `statement_timeout`), but on a plan made against the engine served at execution: the one
+/// made at Parse may be of a version retired since, and clients keep statements prepared for
+/// the life of a connection.
+struct Prepared {
+    session: Arc<DfSessionService>,
+    served: Served,
+}
+
+#[async_trait]
+impl ExtendedQueryHandler for Prepared {
+    type Statement = <DfSessionService as ExtendedQueryHandler>::Statement;
+    type QueryParser = <DfSessionService as ExtendedQueryHandler>::QueryParser;
+
+    fn query_parser(&self) -> Arc<Self::QueryParser> {
+        self.session.query_parser()
+    }
+
+    async fn do_query<C>(
+        &self,
+        client: &mut C,
+        portal: &Portal<Self::Statement>,
+        max_rows: usize,
+    ) -> PgWireResult<Response>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = Self::Statement>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let (sql, Some((statement, _))) = &portal.statement.statement else {
+            return self.session.do_query(client, portal, max_rows).await;
+        };
+        let Some(plan) = prepared_plan(&self.served.engine(), statement).await else {
+            return self.session.do_query(client, portal, max_rows).await;
+        };
+        // The same portal (parameters, formats, state) over the new plan.
+        let stored = &portal.statement;
+        let mut current = Portal::default();
+        current.name.clone_from(&portal.name);
+        current.statement = Arc::new(StoredStatement::new(
+            stored.id.clone(),
+            (sql.clone(), Some((statement.clone(), plan?))),
+            stored.parameter_types.clone(),
+        ));
+        current.parameter_format = portal.parameter_format.clone();
+        current.parameters.clone_from(&portal.parameters);
+        current.result_column_format = portal.result_column_format.clone();
+        current.state = portal.state.clone();
+        self.session.do_query(client, &current, max_rows).await
     }
 }
 
@@ -215,6 +286,7 @@ impl StartupHandler for KeyStartup {
 /// The handlers of one server.
 struct Handlers {
     session: Arc<DfSessionService>,
+    prepared: Arc<Prepared>,
     startup: Arc<KeyStartup>,
 }
 
@@ -228,7 +300,7 @@ impl PgWireServerHandlers for Handlers {
     fn extended_query_handler(
         &self,
     ) -> Arc<impl datafusion_postgres::pgwire::api::query::ExtendedQueryHandler> {
-        self.session.clone()
+        self.prepared.clone()
     }
 
     fn startup_handler(&self) -> Arc<impl StartupHandler> {
@@ -236,30 +308,35 @@ impl PgWireServerHandlers for Handlers {
     }
 }
 
-/// Serves the Postgres wire protocol on `listener` until `shutdown`.
+/// Serves the Postgres wire protocol on `listener` until `shutdown`, each query from
+/// `engine` (one [`Engine`], or whichever [`Served`] holds when the query runs).
 pub async fn serve(
-    engine: Arc<Engine>,
+    engine: impl Into<Served>,
     keys: Keys,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    let served = engine.into();
+    let limits = served.engine().limits().clone();
+    // Prepared statements run in this session, whatever engine planned them: its memory pool
+    // bounds them. It holds no tables, so it keeps no retired version alive.
+    let session = crate::session(&limits).map_err(std::io::Error::other)?;
     let hooks: Vec<Arc<dyn QueryHook>> = vec![
         Arc::new(Guard {
-            engine: engine.clone(),
+            served: served.clone(),
         }),
         Arc::new(SetShowHook),
         Arc::new(TransactionStatementHook),
     ];
     let mut params = DefaultServerParameterProvider::default();
     params.server_version = format!("16.0 (Sluice {})", env!("CARGO_PKG_VERSION"));
+    let session = Arc::new(DfSessionService::new_with_hooks(Arc::new(session), hooks));
     let handlers = Arc::new(Handlers {
-        session: Arc::new(DfSessionService::new_with_hooks(
-            Arc::new(engine.context().clone()),
-            hooks,
-        )),
+        session: session.clone(),
+        prepared: Arc::new(Prepared { session, served }),
         startup: Arc::new(KeyStartup {
             keys,
-            timeout_ms: engine.limits().timeout.as_millis(),
+            timeout_ms: limits.timeout.as_millis(),
             params,
         }),
     });

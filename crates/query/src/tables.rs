@@ -190,6 +190,9 @@ fn within(batches: Vec<RecordBatch>, lo: i64, hi: i64) -> Vec<RecordBatch> {
 /// one the store cannot take is still honoured.
 pub(crate) struct ColdTable {
     store: Store,
+    /// The runtime store reads run on: the service's, where the store's connections live. The
+    /// query threads have no I/O driver, and end with their engine.
+    io: tokio::runtime::Handle,
     table: &'static str,
     columns: Vec<(String, ColumnType)>,
     fixed: Vec<Filter>,
@@ -208,6 +211,7 @@ impl fmt::Debug for ColdTable {
 impl ColdTable {
     pub(crate) fn new(
         store: Store,
+        io: tokio::runtime::Handle,
         table: &'static str,
         columns: Vec<(String, ColumnType)>,
         fixed: Vec<Filter>,
@@ -219,6 +223,7 @@ impl ColdTable {
             .collect();
         ColdTable {
             store,
+            io,
             table,
             columns,
             fixed,
@@ -309,6 +314,15 @@ fn to_array(column: Column) -> ArrayRef {
     }
 }
 
+/// A store read that ends with the query waiting for it (stopped at its time limit).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 #[async_trait]
 impl TableProvider for ColdTable {
     fn schema(&self) -> SchemaRef {
@@ -361,10 +375,11 @@ impl TableProvider for ColdTable {
             filters: pushed,
             limit: Some(cap),
         };
-        let columns = self
-            .store
-            .select(&select)
+        let store = self.store.clone();
+        let mut read = AbortOnDrop(self.io.spawn(async move { store.select(&select).await }));
+        let columns = (&mut read.0)
             .await
+            .map_err(|e| DataFusionError::Internal(format!("the store read failed: {e}")))?
             .map_err(|e| DataFusionError::External(Box::new(e)))?;
         let rows = columns.first().map_or(0, Column::len);
         if rows as u64 > self.max_rows {

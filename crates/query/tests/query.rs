@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
@@ -16,7 +17,7 @@ use sluice_query::follow::FollowStats;
 use sluice_query::{Limits, Settings};
 use sluice_schemas::{EventCodec, Registry, SchemaDir};
 use sluice_store::testing::{TestDatabase, on_each_backend, until};
-use sluice_store::{Role, Store, StoreOptions};
+use sluice_store::{ProjectionBatch, Role, Store, StoreOptions};
 use tokio_util::sync::CancellationToken;
 
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -31,6 +32,7 @@ struct Rig {
     stop: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     projector: Arc<sluice_projector::Stats>,
+    query: Arc<FollowStats>,
     http: Option<SocketAddr>,
     pg: Option<SocketAddr>,
     key: String,
@@ -64,6 +66,7 @@ async fn rig(url: &str) -> Rig {
         stop: CancellationToken::new(),
         tasks: Vec::new(),
         projector: Arc::default(),
+        query: Arc::default(),
         http: None,
         pg: None,
         key,
@@ -121,14 +124,15 @@ impl Rig {
         settings.limits = limits;
         // Keep everything the tests write, whatever its device time.
         settings.hot_window = Duration::from_secs(30 * 24 * 3600);
-        let (log, store, codec, stop) = (
+        settings.version_poll = Duration::from_millis(100);
+        let (log, store, codec, stats, stop) = (
             self.log.clone(),
             self.store.clone(),
             self.codec.clone(),
+            self.query.clone(),
             self.stop.clone(),
         );
         self.tasks.push(tokio::spawn(async move {
-            let stats = FollowStats::default();
             sluice_query::serve(
                 &settings,
                 &log,
@@ -305,6 +309,141 @@ async fn hot_tables_follow_the_stream_and_agree_with_the_store() {
             hot.iter().any(|r| r["late_readings"].as_i64() > Some(0)),
             "the stream had late readings: {hot:?}"
         );
+        rig.stop().await;
+    })
+    .await;
+}
+
+/// Counts of the hot readings, the store's readings and the store's minute rollups, in one
+/// query: one version's answer has all three equal.
+const VERSION_SQL: &str = "SELECT h.n AS hot, s.n AS stored, m.n AS minutes \
+     FROM (SELECT count(*) AS n FROM readings) h, \
+     (SELECT count(*) AS n FROM store.readings) s, \
+     (SELECT sum(temperature_c_count) AS n FROM readings_1m) m";
+
+/// The rows of [`VERSION_SQL`] for a version of `n` readings.
+fn counts(n: i64) -> Vec<Value> {
+    vec![json!({"hot": n, "stored": n, "minutes": n})]
+}
+
+/// A rebuild fills version 2 beside the live version 1, then switches. While it builds, every
+/// answer is of version 1. After the switch every answer is of version 2: over HTTP, over the
+/// Postgres protocol, and from a statement prepared before the switch. No answer mixes the two,
+/// and the new hot tables follow the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_switch_to_a_rebuilt_version_atomically() {
+    on_each_backend(|url| async move {
+        let mut rig = rig(&url).await;
+        let base = Utc::now() - TimeDelta::hours(3);
+        let first = stream(4, 120, base, 5);
+        rig.publish(READINGS, &first).await;
+        let store = rig.store.clone();
+        until("version 1 projected", DEADLINE, async || {
+            store.readings_count(1).await.unwrap() == 120
+        })
+        .await;
+        rig.start_query(Limits::default()).await;
+        let one = counts(120);
+        assert_eq!(rig.rows(VERSION_SQL).await, one);
+        assert_eq!(rig.query.version.load(Ordering::Relaxed), 1);
+
+        // Over the Postgres protocol: a statement sqlx prepares once and keeps, and a simple
+        // query.
+        let pg = format!(
+            "postgres://analyst:{}@{}/sluice?sslmode=disable",
+            rig.key,
+            rig.pg.unwrap()
+        );
+        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&pg)
+            .await
+            .unwrap();
+        async fn prepared(conn: &mut sqlx::PgConnection) -> i64 {
+            sqlx::query_scalar("SELECT count(*) FROM readings WHERE device_id <> $1")
+                .bind("none")
+                .fetch_one(conn)
+                .await
+                .unwrap()
+        }
+        async fn simple(conn: &mut sqlx::PgConnection) -> i64 {
+            let row = sqlx::raw_sql("SELECT count(*) AS n FROM store.readings")
+                .fetch_one(&mut *conn)
+                .await
+                .unwrap();
+            sqlx::Row::get(&row, "n")
+        }
+        assert_eq!(prepared(&mut conn).await, 120);
+        assert_eq!(simple(&mut conn).await, 120);
+
+        // The rebuild: version 2 holds the same readings and 60 more.
+        let version = store
+            .begin_projection_version("projector", 1, "rebuild-test")
+            .await
+            .unwrap();
+        assert_eq!(version, 2);
+        let readings = first
+            .iter()
+            .chain(&stream(4, 60, base, 6))
+            .map(|e| match sluice_projector::project(e) {
+                Ok(sluice_projector::Projected::Reading(r)) => *r,
+                other => panic!("not a reading: {other:?}"),
+            })
+            .collect();
+        store
+            .project(&ProjectionBatch {
+                version,
+                readings,
+                ..ProjectionBatch::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(store.readings_count(2).await.unwrap(), 180);
+        let checks = rig.query.version_checks.load(Ordering::Relaxed);
+        until("two checks of the live version", DEADLINE, async || {
+            rig.query.version_checks.load(Ordering::Relaxed) >= checks + 2
+        })
+        .await;
+        assert_eq!(rig.rows(VERSION_SQL).await, one, "version 1 while 2 builds");
+        assert_eq!(prepared(&mut conn).await, 120);
+        assert_eq!(rig.query.version.load(Ordering::Relaxed), 1);
+
+        // The switch: answers move from version 1 to 2, each whole.
+        let retired = store
+            .switch_projection_version("projector", version, "test")
+            .await
+            .unwrap();
+        assert_eq!(retired, 1);
+        let two = counts(180);
+        until("answers of version 2", DEADLINE, async || {
+            let rows = rig.rows(VERSION_SQL).await;
+            assert!(
+                rows == one || rows == two,
+                "an answer mixing versions: {rows:?}"
+            );
+            rows == two
+        })
+        .await;
+        assert_eq!(rig.query.version.load(Ordering::Relaxed), 2);
+        assert_eq!(rig.query.loaded.load(Ordering::Relaxed), 180);
+        for _ in 0..5 {
+            assert_eq!(rig.rows(VERSION_SQL).await, two, "no way back");
+        }
+        assert_eq!(prepared(&mut conn).await, 180, "prepared before the switch");
+        assert_eq!(simple(&mut conn).await, 180);
+
+        // The new hot tables follow the stream, and only their follower applies it.
+        let applied = rig.query.applied.load(Ordering::Relaxed);
+        let later = stream(2, 10, base, 7);
+        rig.publish(READINGS, &later).await;
+        until("the new readings in the hot tables", DEADLINE, async || {
+            rig.count("SELECT count(*) FROM readings").await == 190
+        })
+        .await;
+        assert_eq!(
+            rig.query.applied.load(Ordering::Relaxed) - applied,
+            later.len() as u64,
+            "the old follower stopped"
+        );
+        let _ = sqlx::Connection::close(conn).await;
         rig.stop().await;
     })
     .await;
