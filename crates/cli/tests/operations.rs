@@ -176,6 +176,17 @@ fn dead_letters_are_redriven_after_a_config_fix_and_only_once() {
     });
     let served = dev.sql("SELECT status, count(*) AS n FROM dlq GROUP BY status");
     assert!(served.contains("replayed,3"), "{served}");
+    let discard = sluice(&[
+        "dlq",
+        "discard",
+        "--data-dir",
+        d,
+        "--processor",
+        "nobody",
+        "--reason",
+        "x",
+    ]);
+    assert!(text(&discard).contains("discarded 0"), "{}", text(&discard));
     dev.stop();
 
     // Again: every entry is replayed already; nothing is published, nothing changes.

@@ -315,7 +315,7 @@ const EVENTS_COLUMNS: [(&str, ColumnType); 9] = [
     ("schema_version", ColumnType::Int),
 ];
 
-const DLQ_COLUMNS: [(&str, ColumnType); 16] = [
+const DLQ_COLUMNS: [(&str, ColumnType); 17] = [
     ("dlq_id", ColumnType::Int),
     ("processor", ColumnType::Text),
     ("event_id", ColumnType::Uuid),
@@ -332,6 +332,7 @@ const DLQ_COLUMNS: [(&str, ColumnType); 16] = [
     ("status", ColumnType::Text),
     ("status_changed_by", ColumnType::Text),
     ("status_changed_at", ColumnType::Timestamp),
+    ("reason", ColumnType::Text),
 ];
 
 const LATEST_COLUMNS: [(&str, ColumnType); 8] = [
