@@ -12,7 +12,7 @@ use sluice_store::{Store, StoreOptions};
 use uuid::Uuid;
 
 mod common;
-use common::{Dev, block_on, repo};
+use common::{Dev, block_on, post, repo};
 
 fn readings(n: usize) -> (Vec<Uuid>, Vec<String>) {
     (0..n)
@@ -40,20 +40,6 @@ fn http_events(n: usize) -> Vec<Value> {
             })
         })
         .collect()
-}
-
-fn post(dev: &Dev, events: &[Value]) {
-    let status = block_on(async {
-        reqwest::Client::new()
-            .post(dev.http())
-            .bearer_auth(dev.key())
-            .json(&events)
-            .send()
-            .await
-            .unwrap()
-            .status()
-    });
-    assert_eq!(status, reqwest::StatusCode::ACCEPTED);
 }
 
 fn id_of(event: &Value) -> Uuid {

@@ -12,7 +12,7 @@ use sluice_store::{DlqFilter, DlqStatus, Resolution, Store, StoreOptions};
 use uuid::Uuid;
 
 mod common;
-use common::{Dev, block_on, repo};
+use common::{Dev, block_on, post, repo};
 
 const DEADLINE: Duration = Duration::from_secs(90);
 
@@ -229,20 +229,6 @@ fn dead_letters_are_redriven_after_a_config_fix_and_only_once() {
             .contains("temperature_c")
     );
     assert_eq!(shown["headers"][0][0], "source");
-}
-
-fn post(dev: &Dev, events: &[Value]) {
-    let status = block_on(async {
-        reqwest::Client::new()
-            .post(dev.http())
-            .bearer_auth(dev.key())
-            .json(&events)
-            .send()
-            .await
-            .unwrap()
-            .status()
-    });
-    assert_eq!(status, reqwest::StatusCode::ACCEPTED);
 }
 
 fn offline(device: &str, seconds_ago: i64) -> Value {

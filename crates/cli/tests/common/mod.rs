@@ -155,3 +155,18 @@ impl Dev {
         lines.last().cloned().unwrap_or_default()
     }
 }
+
+/// Posts `events` to the dev's HTTP ingest API with its key; they must be accepted.
+pub fn post(dev: &Dev, events: &[serde_json::Value]) {
+    let status = block_on(async {
+        reqwest::Client::new()
+            .post(dev.http())
+            .bearer_auth(dev.key())
+            .json(&events)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    assert_eq!(status, reqwest::StatusCode::ACCEPTED);
+}
