@@ -203,11 +203,21 @@ fn dead_letters_are_redriven_after_a_config_fix_and_only_once() {
         "{}",
         text(&again)
     );
+    // A marker on the furnace's partition: once it is stored, anything published before it
+    // there has been through the validator.
     let dev = Dev::start(&data, &["--topology", fixed.to_str().unwrap()]);
+    let marker = reading_lines(&[26.0]);
+    publish_lines(
+        dev.mqtt_port(),
+        "devices/furnace-1/telemetry",
+        &marker,
+        None,
+    );
+    wait_for("the marker in the store", &data, |s| {
+        (event_count(s) >= 9).then_some(())
+    });
     let store = store_of(&data);
-    // Give the pipeline a moment on anything the replay might have published.
-    std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(event_count(&store), 8, "stored once");
+    assert_eq!(event_count(&store), 9, "stored once, and the marker");
     assert_eq!(dlq(&store, None).len(), 3, "no new dead letters");
     block_on(store.close());
     dev.stop();
@@ -274,11 +284,12 @@ fn replays_deliver_no_webhook_twice() {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(delivered.contains("dev-a went offline") && delivered.contains("dev-b went offline"));
-    // Settled: the second dev-a event was deduplicated by the router, not delivered.
-    std::thread::sleep(Duration::from_secs(2));
+    // A clean stop drains the pipeline: the second dev-a event was deduplicated by the router,
+    // and nothing is left to deliver.
+    dev.stop();
     let before = std::fs::read_to_string(&webhooks).unwrap();
     assert_eq!(before.lines().count(), 2, "{before}");
-    dev.stop();
+    assert_nothing_pending(&data);
 
     for (flags, expect) in [
         (vec![], "actions suppressed"),
@@ -329,11 +340,18 @@ fn replays_deliver_no_webhook_twice() {
             // dev-a's second outage was never paged: now it is recorded as suppressed.
             assert!(outcomes.contains("suppressed,1"), "{outcomes}");
         }
-        std::thread::sleep(Duration::from_secs(2));
+        dev.stop();
         let after = std::fs::read_to_string(&webhooks).unwrap();
         assert_eq!(after, before, "nothing delivered again ({flags:?})");
-        dev.stop();
+        assert_nothing_pending(&data);
     }
+}
+
+/// No action waits for delivery: what was not delivered by now never will be.
+fn assert_nothing_pending(data: &Path) {
+    let store = store_of(data);
+    assert_eq!(block_on(store.actions_pending()).unwrap(), 0);
+    block_on(store.close());
 }
 
 fn rollups_equal_from_scratch(store: &Store, version: i32) {
