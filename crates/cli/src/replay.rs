@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{Value, json};
-use sluice_core::{Event, EventType, Replay};
-use sluice_log::{Header, KafkaLog, Log, Producer, Record};
+use sluice_core::{EventType, Replay};
+use sluice_log::{KafkaLog, Log, Producer};
 use sluice_projector::Projected;
 use sluice_schemas::{AnySchemas, EventCodec, HttpRegistry, Registry};
 use sluice_store::{EventQuery, JobState, NewReplayJob, ProjectionBatch, ReplayJob, Store};
@@ -223,8 +223,7 @@ async fn list(ops: &Ops, json: bool) -> Result<ExitCode> {
     for j in &jobs {
         let mut state = j.state.to_string();
         if matches!(j.state, JobState::Running | JobState::Cancelling)
-            && Utc::now() - j.heartbeat_at
-                > chrono::TimeDelta::from_std(STALE_AFTER).unwrap_or_default()
+            && j.is_stale(Utc::now(), STALE_AFTER)
         {
             state.push_str(" (stale)");
         }
@@ -332,7 +331,7 @@ async fn run_job(
             ))
         }
     } else if let Some(projection) = job.target.strip_prefix("rebuild:") {
-        rebuild(ops, job, topology, projection, &stop).await
+        rebuild(ops, job, &selection, topology, projection, &stop).await
     } else {
         Err(anyhow!(
             "job {} has an unknown target {}",
@@ -455,14 +454,6 @@ async fn to_topic<L: Log>(
         fire_actions: selection.actions == ReplayActions::Fire,
         rescore: selection.inference == ReplayInference::Rescore,
     };
-    let mark_headers: Vec<Header> = mark
-        .headers()
-        .into_iter()
-        .map(|(key, value)| Header {
-            key: key.into(),
-            value,
-        })
-        .collect();
     let mut query = selection.query()?;
     query.limit = page_size(selection.rate);
     query.after_position = job.cursor;
@@ -483,24 +474,23 @@ async fn to_topic<L: Log>(
         let cursor = last.position;
         query.after_position = cursor;
         next = Some(tokio::spawn(fetch(ops.store.clone(), query.clone())));
+        let n = page.len() as u64;
         let mut records = Vec::with_capacity(page.len());
-        for stored in &page {
-            records.push(
-                record(codec, &stored.event, &mark_headers)
-                    .await
-                    .with_context(|| {
-                        format!(
-                            "cannot encode event {} (position {})",
-                            stored.event.event_id, stored.position
-                        )
-                    })?,
-            );
+        for mut stored in page {
+            stored.event.metadata.replay = Some(mark.clone());
+            let (value, _) = codec.encode(&stored.event).await.with_context(|| {
+                format!(
+                    "cannot encode event {} (position {})",
+                    stored.event.event_id, stored.position
+                )
+            })?;
+            records.push(sluice_runtime::record_of(&stored.event, value));
         }
         producer
             .send(topic, records)
             .await
             .with_context(|| format!("cannot publish to {topic}"))?;
-        done += page.len() as u64;
+        done += n;
         bar.set_position(done);
         let state = ops
             .store
@@ -537,36 +527,14 @@ async fn fetch(store: Store, query: EventQuery) -> Result<Vec<sluice_store::Stor
     Ok(store.events_in_range(&query).await?)
 }
 
-async fn record(codec: &EventCodec<AnySchemas>, event: &Event, mark: &[Header]) -> Result<Record> {
-    let (value, _) = codec.encode(event).await?;
-    let mut headers = Vec::with_capacity(mark.len() + 2);
-    headers.push(Header {
-        key: "event_type".into(),
-        value: event.event_type.as_str().as_bytes().to_vec(),
-    });
-    if let Some(trace) = &event.metadata.trace {
-        headers.push(Header {
-            key: "traceparent".into(),
-            value: trace.traceparent.as_bytes().to_vec(),
-        });
-    }
-    headers.extend_from_slice(mark);
-    Ok(Record {
-        key: Some(event.aggregate_id.as_bytes().to_vec()),
-        value,
-        headers,
-        timestamp_ms: Some(event.occurred_at.timestamp_millis()),
-    })
-}
-
 async fn rebuild(
     ops: &Ops,
     job: &ReplayJob,
+    selection: &Selection,
     topology: &Topology,
     projection: &str,
     stop: &CancellationToken,
 ) -> Result<Ended> {
-    let selection: Selection = serde_json::from_value(job.selection.clone())?;
     let projector = projector(topology, projection)?;
     let initial = crate::run::projector_settings(projector).version;
     let store = &ops.store;
@@ -591,7 +559,7 @@ async fn rebuild(
         started: Instant::now(),
         base: job.done,
     };
-    let lanes = match store.backend() {
+    let lanes: u32 = match store.backend() {
         sluice_store::Backend::Postgres => 2,
         sluice_store::Backend::Sqlite => 1,
     };
@@ -614,7 +582,8 @@ async fn rebuild(
             })
             .collect();
         for stored in &page {
-            let lane = &mut by_lane[lane_of(&stored.event.aggregate_id, lanes)];
+            let lane = sluice_log::partition_for(stored.event.aggregate_id.as_bytes(), lanes);
+            let lane = &mut by_lane[lane as usize];
             match sluice_projector::project(&stored.event) {
                 Ok(Projected::Reading(r)) => lane.readings.push(*r),
                 Ok(Projected::Status(s)) => lane.statuses.push(s),
@@ -661,11 +630,4 @@ async fn rebuild(
          {unprojectable} unprojectable; version {retired} dropped ({dropped} rows)",
         n as f64 / secs
     )))
-}
-
-fn lane_of(device: &str, lanes: usize) -> usize {
-    let h = device.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
-    (h % lanes as u64) as usize
 }

@@ -546,31 +546,7 @@ where
                 sluice_schemas::Error::Remote(_) => EncodeError::Transient(e.to_string()),
                 other => EncodeError::Invalid(other.to_string()),
             })?;
-            let mut headers = vec![Header {
-                key: "event_type".into(),
-                value: event.event_type.as_str().as_bytes().to_vec(),
-            }];
-            if let Some(trace) = &event.metadata.trace {
-                headers.push(Header {
-                    key: "traceparent".into(),
-                    value: trace.traceparent.as_bytes().to_vec(),
-                });
-            }
-            if let Some(replay) = &event.metadata.replay {
-                headers.extend(replay.headers().map(|(key, value)| Header {
-                    key: key.into(),
-                    value,
-                }));
-            }
-            records.push((
-                topic.clone(),
-                Record {
-                    key: Some(event.aggregate_id.as_bytes().to_vec()),
-                    value,
-                    headers,
-                    timestamp_ms: Some(event.occurred_at.timestamp_millis()),
-                },
-            ));
+            records.push((topic.clone(), record_of(event, value)));
         }
         Ok(records)
     }
@@ -810,6 +786,33 @@ pub fn cancel_on_signals(token: CancellationToken) -> std::io::Result<()> {
         token.cancel();
     });
     Ok(())
+}
+
+/// The record of `event` encoded as `value`: keyed by its aggregate (so in order per
+/// aggregate), stamped with device time, and headers for its type, trace and replay mark.
+pub fn record_of(event: &Event, value: Vec<u8>) -> Record {
+    let mut headers = vec![Header {
+        key: "event_type".into(),
+        value: event.event_type.as_str().as_bytes().to_vec(),
+    }];
+    if let Some(trace) = &event.metadata.trace {
+        headers.push(Header {
+            key: "traceparent".into(),
+            value: trace.traceparent.as_bytes().to_vec(),
+        });
+    }
+    if let Some(replay) = &event.metadata.replay {
+        headers.extend(replay.headers().map(|(key, value)| Header {
+            key: key.into(),
+            value,
+        }));
+    }
+    Record {
+        key: Some(event.aggregate_id.as_bytes().to_vec()),
+        value,
+        headers,
+        timestamp_ms: Some(event.occurred_at.timestamp_millis()),
+    }
 }
 
 /// `event` with the replay mark its record's headers carry, if any.

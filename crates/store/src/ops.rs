@@ -112,6 +112,15 @@ pub struct ReplayJob {
     pub error: Option<String>,
 }
 
+impl ReplayJob {
+    /// Whether its worker has been silent for `after` at `now` (a running job that is stale
+    /// has crashed).
+    pub fn is_stale(&self, now: DateTime<Utc>, after: Duration) -> bool {
+        now - self.heartbeat_at
+            >= chrono::TimeDelta::from_std(after).unwrap_or(chrono::TimeDelta::MAX)
+    }
+}
+
 /// A new replay job.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewReplayJob {
@@ -281,8 +290,7 @@ impl Store {
         let Some(job) = self.replay_job(job_id).await? else {
             return Err(unknown_job(job_id));
         };
-        let stale = now - job.heartbeat_at
-            >= chrono::TimeDelta::from_std(stale_after).unwrap_or(chrono::TimeDelta::MAX);
+        let stale = job.is_stale(now, stale_after);
         let ok = match job.state {
             JobState::Failed => true,
             JobState::Running | JobState::Cancelling => stale,
@@ -331,8 +339,7 @@ impl Store {
         let Some(job) = self.replay_job(job_id).await? else {
             return Err(unknown_job(job_id));
         };
-        let stale = now - job.heartbeat_at
-            >= chrono::TimeDelta::from_std(stale_after).unwrap_or(chrono::TimeDelta::MAX);
+        let stale = job.is_stale(now, stale_after);
         let to = match job.state {
             JobState::Done | JobState::Cancelled => {
                 return Err(Error::InvalidArgument {

@@ -12,6 +12,15 @@ use crate::model::ConsumerOffset;
 use crate::prepare::{micros, trunc};
 use crate::{Error, Result};
 
+/// The read models a projection version has rows in.
+pub(crate) const VERSIONED_TABLES: [&str; 5] = [
+    "readings",
+    "readings_1m",
+    "readings_1h",
+    "device_latest",
+    "anomalies",
+];
+
 /// One sensor reading to project.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reading {

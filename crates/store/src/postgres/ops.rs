@@ -14,14 +14,8 @@ use crate::{Error, Result};
 const JOB_COLUMNS: &str = "job_id, created_by, created_at, selection, target, state, total, \
      done, cursor, started_at, heartbeat_at, finished_at, error";
 
-/// The read models a projection version has rows in.
-pub(crate) const VERSIONED_TABLES: [&str; 5] = [
-    "readings",
-    "readings_1m",
-    "readings_1h",
-    "device_latest",
-    "anomalies",
-];
+const SELECT_VERSIONS: &str = "SELECT projection, version, state, job_id, changed_at \
+     FROM projection_versions WHERE projection = $1 ORDER BY version";
 
 async fn audit_in(
     conn: &mut PgConnection,
@@ -262,14 +256,11 @@ impl PgStore {
     }
 
     pub async fn projection_versions(&self, projection: &str) -> Result<Vec<ProjectionVersion>> {
-        let rows = sqlx::query(
-            "SELECT projection, version, state, job_id, changed_at FROM projection_versions
-             WHERE projection = $1 ORDER BY version",
-        )
-        .bind(projection)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db("projection_versions"))?;
+        let rows = sqlx::query(SELECT_VERSIONS)
+            .bind(projection)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("projection_versions"))?;
         rows.iter().map(version_from_row).collect()
     }
 
@@ -287,14 +278,11 @@ impl PgStore {
             .execute(&mut *tx)
             .await
             .map_err(db(OP))?;
-        let rows = sqlx::query(
-            "SELECT projection, version, state, job_id, changed_at FROM projection_versions
-             WHERE projection = $1 ORDER BY version",
-        )
-        .bind(projection)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(db(OP))?;
+        let rows = sqlx::query(SELECT_VERSIONS)
+            .bind(projection)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db(OP))?;
         let rows: Vec<ProjectionVersion> =
             rows.iter().map(version_from_row).collect::<Result<_>>()?;
         let building = rows
@@ -333,7 +321,7 @@ impl PgStore {
             .unwrap_or(live)
             .max(live)
             + 1;
-        for table in VERSIONED_TABLES {
+        for table in crate::projections::VERSIONED_TABLES {
             sqlx::query(&format!("DELETE FROM {table} WHERE version = $1"))
                 .bind(next)
                 .execute(&mut *tx)

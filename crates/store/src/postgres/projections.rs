@@ -495,13 +495,7 @@ impl PgStore {
         const OP: &str = "drop_projection_version";
         let mut tx = self.pool.begin().await.map_err(db(OP))?;
         let mut n = 0;
-        for table in [
-            "readings",
-            "readings_1m",
-            "readings_1h",
-            "device_latest",
-            "anomalies",
-        ] {
+        for table in crate::projections::VERSIONED_TABLES {
             n += sqlx::query(&format!("DELETE FROM {table} WHERE version = $1"))
                 .bind(version)
                 .execute(&mut *tx)

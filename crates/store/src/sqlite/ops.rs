@@ -15,16 +15,8 @@ use crate::{Error, Result};
 const JOB_COLUMNS: &str = "job_id, created_by, created_at, selection, target, state, total, \
      done, cursor, started_at, heartbeat_at, finished_at, error";
 
-const VERSION_COLUMNS: &str = "projection, version, state, job_id, changed_at";
-
-/// The read models a projection version has rows in.
-const VERSIONED_TABLES: [&str; 5] = [
-    "readings",
-    "readings_1m",
-    "readings_1h",
-    "device_latest",
-    "anomalies",
-];
+const SELECT_VERSIONS: &str = "SELECT projection, version, state, job_id, changed_at \
+     FROM projection_versions WHERE projection = ?1 ORDER BY version";
 
 async fn audit_in(
     conn: &mut SqliteConnection,
@@ -284,14 +276,11 @@ impl SqliteStore {
     }
 
     pub async fn projection_versions(&self, projection: &str) -> Result<Vec<ProjectionVersion>> {
-        let rows = sqlx::query(&format!(
-            "SELECT {VERSION_COLUMNS} FROM projection_versions WHERE projection = ?1
-             ORDER BY version"
-        ))
-        .bind(projection)
-        .fetch_all(&self.reader)
-        .await
-        .map_err(db("projection_versions"))?;
+        let rows = sqlx::query(SELECT_VERSIONS)
+            .bind(projection)
+            .fetch_all(&self.reader)
+            .await
+            .map_err(db("projection_versions"))?;
         rows.iter().map(version_from_row).collect()
     }
 
@@ -308,14 +297,11 @@ impl SqliteStore {
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(db(OP))?;
-        let rows = sqlx::query(&format!(
-            "SELECT {VERSION_COLUMNS} FROM projection_versions WHERE projection = ?1
-             ORDER BY version"
-        ))
-        .bind(projection)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(db(OP))?;
+        let rows = sqlx::query(SELECT_VERSIONS)
+            .bind(projection)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db(OP))?;
         let rows: Vec<ProjectionVersion> =
             rows.iter().map(version_from_row).collect::<Result<_>>()?;
         if let Some(b) = rows
@@ -354,7 +340,7 @@ impl SqliteStore {
             .unwrap_or(live)
             .max(live)
             + 1;
-        for table in VERSIONED_TABLES {
+        for table in crate::projections::VERSIONED_TABLES {
             sqlx::query(&format!("DELETE FROM {table} WHERE version = ?1"))
                 .bind(next)
                 .execute(&mut *tx)
