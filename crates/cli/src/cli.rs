@@ -362,6 +362,15 @@ pub enum BenchCommand {
     /// delivery core, against plain POSTs to the same receiver in the same run, and what a
     /// delivery short-circuited by an open breaker costs.
     Executor(BenchExecutorArgs),
+    /// The operator jobs of `sluice replay` on PostgreSQL: events/s replayed to a topic beside
+    /// the log's own produce rate, and events/s rebuilt into a new projection version beside a
+    /// raw COPY of the same events.
+    ///
+    /// Works in a scratch database it creates on the server of --store and drops at the end
+    /// (the store itself is not written to): seeds N readings by COPY, replays them to a
+    /// scratch embedded log, rebuilds the projector's read models from them, and checks the
+    /// rebuilt rollups against a GROUP BY of the readings.
+    Replay(BenchReplayArgs),
     /// The whole default topology on pre-generated input.
     Pipeline(PendingArgs),
 }
@@ -434,6 +443,26 @@ pub struct BenchQueryArgs {
     /// Timed runs per query and side (after 3 unmeasured).
     #[arg(long, default_value_t = 50)]
     pub runs: usize,
+    /// Print the figures as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchReplayArgs {
+    /// A PostgreSQL server, as a store URL (postgres://USER@HOST:PORT/DB); the bench works in
+    /// a scratch database beside DB.
+    #[arg(long, env = "SLUICE__STORE")]
+    pub store: String,
+    /// Readings in the event store.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub events: u64,
+    /// Distinct devices.
+    #[arg(long, default_value_t = 1_000)]
+    pub devices: u64,
+    /// The schemas folder.
+    #[arg(long, env = "SLUICE__SCHEMAS", default_value = "schemas")]
+    pub schemas: PathBuf,
     /// Print the figures as JSON.
     #[arg(long)]
     pub json: bool,

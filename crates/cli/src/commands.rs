@@ -40,6 +40,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Bench(BenchCommand::Ingest(args)) => crate::bench_ingest::bench_ingest(&args),
         Command::Bench(BenchCommand::Project(args)) => crate::bench_project::bench_project(&args),
         Command::Bench(BenchCommand::Query(args)) => crate::bench_query::bench_query(&args),
+        Command::Bench(BenchCommand::Replay(args)) => crate::bench_replay::bench_replay(&args),
         Command::Bench(BenchCommand::Inference(args)) => {
             crate::bench_inference::bench_inference(&args)
         }

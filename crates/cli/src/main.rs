@@ -13,6 +13,7 @@ mod bench_inference;
 mod bench_ingest;
 mod bench_project;
 mod bench_query;
+mod bench_replay;
 mod cli;
 mod commands;
 mod dev;

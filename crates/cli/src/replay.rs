@@ -20,7 +20,9 @@ use sluice_core::{EventType, Replay};
 use sluice_log::{KafkaLog, Log, Producer};
 use sluice_projector::Projected;
 use sluice_schemas::{AnySchemas, EventCodec, HttpRegistry, Registry};
-use sluice_store::{EventQuery, JobState, NewReplayJob, ProjectionBatch, ReplayJob, Store};
+use sluice_store::{
+    EventQuery, JobState, NewReplayJob, ProjectionBatch, RebuildStep, ReplayJob, Store,
+};
 use sluice_topology::{Kind, Topology};
 use tokio_util::sync::CancellationToken;
 
@@ -42,14 +44,14 @@ const PROJECTED_TYPES: [&str; 2] = [EventType::SENSOR_READING, EventType::DEVICE
 
 /// What a job selects and how it runs, as stored in the job.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-struct Selection {
-    from: Option<DateTime<Utc>>,
-    to: Option<DateTime<Utc>>,
-    types: Vec<String>,
-    aggregates: Vec<String>,
-    rate: Option<u32>,
-    actions: ReplayActions,
-    inference: ReplayInference,
+pub(crate) struct Selection {
+    pub from: Option<DateTime<Utc>>,
+    pub to: Option<DateTime<Utc>>,
+    pub types: Vec<String>,
+    pub aggregates: Vec<String>,
+    pub rate: Option<u32>,
+    pub actions: ReplayActions,
+    pub inference: ReplayInference,
 }
 
 impl Selection {
@@ -321,10 +323,10 @@ async fn run_job(
         if url.starts_with("embedded://") {
             let log = open_embedded(&url)?;
             crate::run::ensure_topics(&log, topology, &[topic], true).await?;
-            to_topic(ops, job, &selection, &log, topic, &codec, &stop).await
+            to_topic(&ops.store, job, &selection, &log, topic, &codec, &stop).await
         } else if url.starts_with("kafka://") {
             let log = KafkaLog::from_url(&url)?;
-            to_topic(ops, job, &selection, &log, topic, &codec, &stop).await
+            to_topic(&ops.store, job, &selection, &log, topic, &codec, &stop).await
         } else {
             Err(anyhow!(
                 "invalid log URL {url:?}: expected embedded://DIR or kafka://host:port"
@@ -380,7 +382,7 @@ async fn run_job(
     }
 }
 
-enum Ended {
+pub(crate) enum Ended {
     Done(String),
     Cancelled,
     Interrupted,
@@ -414,13 +416,22 @@ fn schemas(ops: &Ops, wiring: &ReplayWiring) -> Result<AnySchemas> {
 }
 
 /// Keeps a job under `rate` events per second.
-struct Pacer {
+pub(crate) struct Pacer {
     rate: Option<u32>,
     started: Instant,
     base: u64,
 }
 
 impl Pacer {
+    /// A pacer for a job that has `done` events done already.
+    pub(crate) fn new(rate: Option<u32>, done: u64) -> Self {
+        Self {
+            rate,
+            started: Instant::now(),
+            base: done,
+        }
+    }
+
     async fn wait(&self, done: u64, stop: &CancellationToken) {
         let Some(rate) = self.rate else { return };
         let due = Duration::from_secs_f64((done - self.base) as f64 / f64::from(rate));
@@ -439,8 +450,8 @@ fn page_size(rate: Option<u32>) -> u32 {
     rate.map_or(PAGE, |r| (r / 10).clamp(1, PAGE))
 }
 
-async fn to_topic<L: Log>(
-    ops: &Ops,
+pub(crate) async fn to_topic<L: Log>(
+    store: &Store,
     job: &ReplayJob,
     selection: &Selection,
     log: &L,
@@ -459,21 +470,17 @@ async fn to_topic<L: Log>(
     query.after_position = job.cursor;
     let bar = progress(job.total, &format!("replay {}", job.job_id));
     bar.set_position(job.done);
-    let pacer = Pacer {
-        rate: selection.rate,
-        started: Instant::now(),
-        base: job.done,
-    };
+    let pacer = Pacer::new(selection.rate, job.done);
     let mut done = job.done;
     let started = Instant::now();
     // The next page is read while this one is encoded and published.
-    let mut next = Some(tokio::spawn(fetch(ops.store.clone(), query.clone())));
+    let mut next = Some(tokio::spawn(fetch(store.clone(), query.clone())));
     while let Some(fetching) = next.take() {
         let page = fetching.await.context("the reader task failed")??;
         let Some(last) = page.last() else { break };
         let cursor = last.position;
         query.after_position = cursor;
-        next = Some(tokio::spawn(fetch(ops.store.clone(), query.clone())));
+        next = Some(tokio::spawn(fetch(store.clone(), query.clone())));
         let n = page.len() as u64;
         let mut records = Vec::with_capacity(page.len());
         for mut stored in page {
@@ -492,10 +499,7 @@ async fn to_topic<L: Log>(
             .with_context(|| format!("cannot publish to {topic}"))?;
         done += n;
         bar.set_position(done);
-        let state = ops
-            .store
-            .replay_job_progress(&job.job_id, cursor, done)
-            .await?;
+        let state = store.replay_job_progress(&job.job_id, cursor, done).await?;
         if state == JobState::Cancelling {
             bar.abandon();
             return Ok(Ended::Cancelled);
@@ -545,70 +549,35 @@ async fn rebuild(
     eprintln!(
         "building version {version} of {projection} beside live version {live}; the projector writes both meanwhile"
     );
-    let mut query = EventQuery {
-        event_types: PROJECTED_TYPES
-            .iter()
-            .map(|t| EventType::new(*t))
-            .collect::<Result<_, _>>()?,
-        after_position: job.cursor,
-        limit: page_size(selection.rate),
-        ..EventQuery::default()
-    };
-    let pacer = Pacer {
-        rate: selection.rate,
-        started: Instant::now(),
-        base: job.done,
-    };
-    let lanes: u32 = match store.backend() {
-        sluice_store::Backend::Postgres => 2,
-        sluice_store::Backend::Sqlite => 1,
-    };
+    let pacer = Pacer::new(selection.rate, job.done);
     let bar = progress(job.total, &format!("rebuild {projection} v{version}"));
     bar.set_position(job.done);
-    let (mut done, mut unprojectable) = (job.done, 0u64);
     let started = Instant::now();
-    let mut next = Some(tokio::spawn(fetch(store.clone(), query.clone())));
-    while let Some(fetching) = next.take() {
-        let page = fetching.await.context("the reader task failed")??;
-        let Some(last) = page.last() else { break };
-        let cursor = last.position;
-        query.after_position = cursor;
-        next = Some(tokio::spawn(fetch(store.clone(), query.clone())));
-        // A device's events stay in one lane: the store assumes one writer per device.
-        let mut by_lane: Vec<ProjectionBatch> = (0..lanes)
-            .map(|_| ProjectionBatch {
-                version,
-                ..ProjectionBatch::default()
-            })
-            .collect();
-        for stored in &page {
-            let lane = sluice_log::partition_for(stored.event.aggregate_id.as_bytes(), lanes);
-            let lane = &mut by_lane[lane as usize];
-            match sluice_projector::project(&stored.event) {
-                Ok(Projected::Reading(r)) => lane.readings.push(*r),
-                Ok(Projected::Status(s)) => lane.statuses.push(s),
-                Ok(_) => {}
-                // The live projector dead-lettered it when it came; counted, not again.
-                Err(_) => unprojectable += 1,
-            }
+    let built = match store.backend() {
+        sluice_store::Backend::Postgres => {
+            steps(store, job, version, selection.rate, &bar, &pacer, stop).await?
         }
-        futures::future::try_join_all(by_lane.iter().map(|b| store.project(b))).await?;
-        done += page.len() as u64;
-        bar.set_position(done);
-        let state = store.replay_job_progress(&job.job_id, cursor, done).await?;
-        if state == JobState::Cancelling {
+        sluice_store::Backend::Sqlite => {
+            batches(store, job, version, selection.rate, &bar, &pacer, stop).await?
+        }
+    };
+    let (done, unprojectable) = match built {
+        Built::Whole {
+            done,
+            unprojectable,
+        } => (done, unprojectable),
+        Built::Stopped(Ended::Cancelled) => {
             bar.abandon();
             store
                 .abandon_projection_version(projection, version)
                 .await?;
             return Ok(Ended::Cancelled);
         }
-        if stop.is_cancelled() {
+        Built::Stopped(ended) => {
             bar.abandon();
-            return Ok(Ended::Interrupted);
+            return Ok(ended);
         }
-        pacer.wait(done, stop).await;
-    }
+    };
     bar.finish_and_clear();
     let built = started.elapsed();
     let retired = store
@@ -630,4 +599,134 @@ async fn rebuild(
          {unprojectable} unprojectable; version {retired} dropped ({dropped} rows)",
         n as f64 / secs
     )))
+}
+
+/// How the filling of a rebuilt version ended.
+pub(crate) enum Built {
+    /// Every event up to the log's head is in it.
+    Whole { done: u64, unprojectable: u64 },
+    /// Cancelled or interrupted.
+    Stopped(Ended),
+}
+
+/// Positions per rebuild step: one transaction per lane.
+const STEP: i64 = 50_000;
+/// Lanes of a PostgreSQL rebuild: the server does the work, so two keep both cores busy.
+const LANES: u32 = 2;
+
+/// PostgreSQL: the version is filled set-based, step by step of positions, until the event
+/// store's head (which moves while the fleet publishes: the projector writes the version too
+/// from the moment it was registered, so the events after the head the loop ends at are
+/// written by the projector).
+pub(crate) async fn steps(
+    store: &Store,
+    job: &ReplayJob,
+    version: i32,
+    rate: Option<u32>,
+    bar: &indicatif::ProgressBar,
+    pacer: &Pacer,
+    stop: &CancellationToken,
+) -> Result<Built> {
+    let step_size = rate.map_or(STEP, |r| i64::from(page_size(Some(r))));
+    let (mut cursor, mut done, mut unprojectable) = (job.cursor, job.done, 0u64);
+    loop {
+        let head = store.last_position().await?;
+        if cursor >= head {
+            return Ok(Built::Whole {
+                done,
+                unprojectable,
+            });
+        }
+        while cursor < head {
+            let upto = (cursor + step_size).min(head);
+            let lanes: Vec<RebuildStep> = (0..LANES)
+                .map(|lane| RebuildStep {
+                    version,
+                    after: cursor,
+                    upto,
+                    lane,
+                    lanes: LANES,
+                })
+                .collect();
+            let steps = lanes.iter().map(|step| store.rebuild_step(step));
+            for outcome in futures::future::try_join_all(steps).await? {
+                done += outcome.events;
+                unprojectable += outcome.unprojectable;
+            }
+            cursor = upto;
+            if done > bar.length().unwrap_or(0) {
+                bar.set_length(done);
+            }
+            bar.set_position(done);
+            let state = store.replay_job_progress(&job.job_id, cursor, done).await?;
+            if state == JobState::Cancelling {
+                return Ok(Built::Stopped(Ended::Cancelled));
+            }
+            if stop.is_cancelled() {
+                return Ok(Built::Stopped(Ended::Interrupted));
+            }
+            pacer.wait(done, stop).await;
+        }
+    }
+}
+
+/// SQLite: the version is filled through the projector's own path, page by page.
+async fn batches(
+    store: &Store,
+    job: &ReplayJob,
+    version: i32,
+    rate: Option<u32>,
+    bar: &indicatif::ProgressBar,
+    pacer: &Pacer,
+    stop: &CancellationToken,
+) -> Result<Built> {
+    let mut query = EventQuery {
+        event_types: PROJECTED_TYPES
+            .iter()
+            .map(|t| EventType::new(*t))
+            .collect::<Result<_, _>>()?,
+        after_position: job.cursor,
+        limit: page_size(rate),
+        ..EventQuery::default()
+    };
+    let (mut done, mut unprojectable) = (job.done, 0u64);
+    let mut next = Some(tokio::spawn(fetch(store.clone(), query.clone())));
+    while let Some(fetching) = next.take() {
+        let page = fetching.await.context("the reader task failed")??;
+        let Some(last) = page.last() else { break };
+        let cursor = last.position;
+        query.after_position = cursor;
+        next = Some(tokio::spawn(fetch(store.clone(), query.clone())));
+        let mut batch = ProjectionBatch {
+            version,
+            ..ProjectionBatch::default()
+        };
+        for stored in &page {
+            match sluice_projector::project(&stored.event) {
+                Ok(Projected::Reading(r)) => batch.readings.push(*r),
+                Ok(Projected::Status(s)) => batch.statuses.push(s),
+                Ok(_) => {}
+                // The live projector dead-lettered it when it came; counted, not again.
+                Err(_) => unprojectable += 1,
+            }
+        }
+        store.project(&batch).await?;
+        done += page.len() as u64;
+        if done > bar.length().unwrap_or(0) {
+            bar.set_length(done);
+        }
+        bar.set_position(done);
+        let state = store.replay_job_progress(&job.job_id, cursor, done).await?;
+        if state == JobState::Cancelling {
+            return Ok(Built::Stopped(Ended::Cancelled));
+        }
+        if stop.is_cancelled() {
+            return Ok(Built::Stopped(Ended::Interrupted));
+        }
+        pacer.wait(done, stop).await;
+    }
+    Ok(Built::Whole {
+        done,
+        unprojectable,
+    })
 }

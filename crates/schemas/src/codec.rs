@@ -7,23 +7,92 @@ use std::sync::{Arc, RwLock};
 use apache_avro::Schema;
 use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::types::Value;
-use apache_avro::writer::datum::GenericDatumWriter;
 use chrono::DateTime;
-use serde_json::json;
+use serde_json::{Value as Json, json};
 use sluice_core::{Event, EventType, Metadata, TraceContext};
 
-use crate::convert::{Names, avro_to_json, to_avro};
+use crate::convert::{Names, avro_to_json, to_avro, write_avro, write_default};
 use crate::registry::{SchemaSource, SubjectVersion};
 use crate::{Error, Result, wire};
 
 /// Encodes `event` with `schema` (the latest version of its subject, usually) into an Avro body.
 /// The payload is checked against the schema on the way: this is the validation of a payload.
 pub fn encode_body(event: &Event, schema: &Schema) -> Result<Vec<u8>> {
-    let value = event_to_avro(event, schema)?;
-    GenericDatumWriter::builder(schema)
-        .build()
-        .and_then(|w| w.write_value_to_vec(value))
-        .map_err(|e| Error::Avro(e.to_string()))
+    let mut out = Vec::new();
+    write_event(event, schema, &Names::of(schema)?, &mut out)?;
+    Ok(out)
+}
+
+/// Writes the Avro body of `event` under `schema` to `out`: the envelope fields, then the
+/// payload, each checked as [`event_to_avro`] checks them (same errors), without building the
+/// Avro value or copying the payload.
+fn write_event(event: &Event, schema: &Schema, names: &Names, out: &mut Vec<u8>) -> Result<()> {
+    let Schema::Record(r) = schema else {
+        // Not an envelope record: the general path gives the error it always gave.
+        return write_avro(&envelope(event), schema, names, &mut String::from("$"), out);
+    };
+    let envelope = envelope(event);
+    let Json::Object(fields) = &envelope else {
+        unreachable!("the envelope is an object")
+    };
+    let mut path = String::from("$");
+    if let Some(unknown) = fields
+        .keys()
+        .map(String::as_str)
+        .chain(["payload"])
+        .find(|k| !r.lookup.contains_key(*k))
+    {
+        let known: Vec<&str> = r.fields.iter().map(|f| f.name.as_str()).collect();
+        return Err(Error::Payload {
+            path: format!("$.{unknown}"),
+            message: format!("unknown field (known: {})", known.join(", ")),
+        });
+    }
+    for field in &r.fields {
+        let value = if field.name == "payload" {
+            &event.payload
+        } else if let Some(v) = fields.get(&field.name) {
+            v
+        } else {
+            path.push('.');
+            path.push_str(&field.name);
+            match &field.default {
+                Some(default) => write_default(default, &field.schema, names, &mut path, out)?,
+                None => {
+                    return Err(Error::Payload {
+                        path,
+                        message: "required field is missing".into(),
+                    });
+                }
+            }
+            path.truncate(1);
+            continue;
+        };
+        path.push('.');
+        path.push_str(&field.name);
+        write_avro(value, &field.schema, names, &mut path, out)?;
+        path.truncate(1);
+    }
+    Ok(())
+}
+
+/// The envelope fields of an event as JSON, without the payload.
+fn envelope(event: &Event) -> Json {
+    let m = &event.metadata;
+    json!({
+        "event_id": event.event_id.to_string(),
+        "event_type": event.event_type.as_str(),
+        "aggregate_id": event.aggregate_id,
+        "occurred_at": event.occurred_at.timestamp_micros(),
+        "ingested_at": event.ingested_at.timestamp_micros(),
+        "metadata": {
+            "source": m.source.to_string(),
+            "traceparent": m.trace.as_ref().map(|t| t.traceparent.as_str()),
+            "tracestate": m.trace.as_ref().and_then(|t| t.tracestate.as_deref()),
+            "schema_version": m.schema_version,
+            "causation_id": m.causation_id.map(|id| id.to_string()),
+        },
+    })
 }
 
 /// Decodes an Avro body written with `schema` into an event.
@@ -43,22 +112,8 @@ pub fn decode_body(mut body: &[u8], schema: &Schema) -> Result<Event> {
 
 /// The Avro record of an event under `schema`.
 pub fn event_to_avro(event: &Event, schema: &Schema) -> Result<Value> {
-    let m = &event.metadata;
-    let envelope = json!({
-        "event_id": event.event_id.to_string(),
-        "event_type": event.event_type.as_str(),
-        "aggregate_id": event.aggregate_id,
-        "occurred_at": event.occurred_at.timestamp_micros(),
-        "ingested_at": event.ingested_at.timestamp_micros(),
-        "metadata": {
-            "source": m.source.to_string(),
-            "traceparent": m.trace.as_ref().map(|t| t.traceparent.as_str()),
-            "tracestate": m.trace.as_ref().and_then(|t| t.tracestate.as_deref()),
-            "schema_version": m.schema_version,
-            "causation_id": m.causation_id.map(|id| id.to_string()),
-        },
-        "payload": event.payload,
-    });
+    let mut envelope = envelope(event);
+    envelope["payload"] = event.payload.clone();
     let names = Names::of(schema)?;
     to_avro(&envelope, schema, &names, &mut String::from("$"))
 }
@@ -188,6 +243,8 @@ pub struct EventCodec<S> {
     source: S,
     by_id: RwLock<HashMap<u32, Arc<Schema>>>,
     latest: RwLock<HashMap<String, Arc<(SubjectVersion, Schema)>>>,
+    /// The named types of the schemas encoded with, by schema id.
+    names: RwLock<HashMap<u32, Arc<Names>>>,
 }
 
 impl<S: SchemaSource> EventCodec<S> {
@@ -197,6 +254,7 @@ impl<S: SchemaSource> EventCodec<S> {
             source,
             by_id: RwLock::default(),
             latest: RwLock::default(),
+            names: RwLock::default(),
         }
     }
 
@@ -210,8 +268,20 @@ impl<S: SchemaSource> EventCodec<S> {
     pub async fn encode(&self, event: &Event) -> Result<(Vec<u8>, u32)> {
         let latest = self.latest(event.event_type.subject()).await?;
         let (version, schema) = (&latest.0, &latest.1);
-        let body = encode_body(event, schema)?;
-        Ok((wire::frame(version.id, &body), version.version))
+        let cached = read(&self.names).get(&version.id).cloned();
+        let names = match cached {
+            Some(n) => n,
+            None => {
+                let n = Arc::new(Names::of(schema)?);
+                write(&self.names).insert(version.id, n.clone());
+                n
+            }
+        };
+        let mut out = Vec::with_capacity(128);
+        out.push(wire::MAGIC);
+        out.extend_from_slice(&version.id.to_be_bytes());
+        write_event(event, schema, &names, &mut out)?;
+        Ok((out, version.version))
     }
 
     /// Decodes framed bytes with the writer's schema named by their id.

@@ -44,7 +44,7 @@ pub async fn copy_baseline(url: &str, rows: &[AppendEvent]) -> Result<CopyBaseli
             reason: "no rows to copy".to_owned(),
         });
     }
-    let csv = Csv::new(rows)?;
+    let csv = Csv::new(rows, 1)?;
     let mut conn = PgConnection::connect(url).await.map_err(db(OP))?;
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -163,11 +163,11 @@ struct Csv {
 }
 
 impl Csv {
-    fn new(rows: &[AppendEvent]) -> Result<Csv> {
+    fn new(rows: &[AppendEvent], first_position: i64) -> Result<Csv> {
         let (mut events, mut ids, mut outbox) = (String::new(), String::new(), String::new());
         for (i, row) in rows.iter().enumerate() {
             let e = &row.event;
-            let position = i + 1;
+            let position = first_position + i as i64;
             let ingested = e.ingested_at.to_rfc3339_opts(SecondsFormat::Micros, true);
             let schema_version = e
                 .metadata
@@ -221,6 +221,72 @@ fn hex(bytes: &[u8]) -> String {
 /// JSON text of the payload or the metadata, as the store writes them.
 fn json<T: Serialize>(v: &T) -> Result<String> {
     serde_json::to_string(v).map_err(|e| Error::corrupt(OP, format!("cannot write JSON: {e}")))
+}
+
+/// A database of its own on a PostgreSQL server, for a bench that fills an event store: the
+/// store given is never written to. Drop it with [`ScratchDatabase::drop_now`].
+#[derive(Debug)]
+pub struct ScratchDatabase {
+    admin_url: String,
+    name: String,
+    /// Its URL (the server's, with the scratch database).
+    pub url: String,
+}
+
+impl ScratchDatabase {
+    /// Creates `sluice_bench_<tag>_<pid>_<time>` on the server of `url` (connecting to `url`'s
+    /// own database to do it).
+    pub async fn create(url: &str, tag: &str) -> Result<ScratchDatabase> {
+        const OP: &str = "create a scratch database";
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        let name = format!("sluice_bench_{tag}_{}_{stamp}", std::process::id());
+        let mut conn = PgConnection::connect(url).await.map_err(db(OP))?;
+        conn.execute(format!("CREATE DATABASE {name}").as_str())
+            .await
+            .map_err(db(OP))?;
+        let _ = conn.close().await;
+        Ok(ScratchDatabase {
+            admin_url: url.to_owned(),
+            url: crate::testing::with_database(url, &name),
+            name,
+        })
+    }
+
+    /// Drops it, closing whatever still connects to it.
+    pub async fn drop_now(self) -> Result<()> {
+        const OP: &str = "drop a scratch database";
+        let mut conn = PgConnection::connect(&self.admin_url)
+            .await
+            .map_err(db(OP))?;
+        conn.execute(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name).as_str())
+            .await
+            .map_err(db(OP))?;
+        let _ = conn.close().await;
+        Ok(())
+    }
+}
+
+/// Writes `rows` into the `events` and `event_ids` tables of the migrated store at `url` by
+/// `COPY`, positions numbered from `first_position`, in one transaction (no outbox: nothing is
+/// to be relayed). Returns the time the `COPY`s took; the CSV is built before the clock
+/// starts. For benches on a [`ScratchDatabase`], where it is also the same-run baseline.
+pub async fn seed_events(
+    url: &str,
+    rows: &[AppendEvent],
+    first_position: i64,
+) -> Result<std::time::Duration> {
+    let csv = Csv::new(rows, first_position)?;
+    let mut conn = PgConnection::connect(url).await.map_err(db(OP))?;
+    let start = Instant::now();
+    let mut tx = conn.begin().await.map_err(db(OP))?;
+    copy(&mut tx, "events", EVENTS_COLUMNS, &csv.events, csv.rows).await?;
+    copy(&mut tx, "event_ids", IDS_COLUMNS, &csv.ids, csv.rows).await?;
+    tx.commit().await.map_err(db(OP))?;
+    let took = start.elapsed();
+    let _ = conn.close().await;
+    Ok(took)
 }
 
 /// Runs `sql` on the PostgreSQL database at `url`, `warmup` times unmeasured and then `runs`

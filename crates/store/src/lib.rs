@@ -46,8 +46,8 @@ pub use model::{
     StoredEvent,
 };
 pub use projections::{
-    Anomaly, DeviceLatest, ProjectionBatch, ProjectionOutcome, Reading, Resolution, Rollup,
-    StatusChange,
+    Anomaly, DeviceLatest, ProjectionBatch, ProjectionOutcome, Reading, RebuildOutcome,
+    RebuildStep, Resolution, Rollup, StatusChange,
 };
 
 pub use select::{Column, ColumnType, Columns, Filter, Op, READABLE_TABLES, Select, Value};
@@ -410,6 +410,31 @@ impl Store {
     /// is judged against the state read at the start of the transaction.
     pub async fn project(&self, batch: &ProjectionBatch) -> Result<ProjectionOutcome> {
         dispatch!(self.project(batch))
+    }
+
+    /// One step of a set-based rebuild of `step.version` from the event store, in one
+    /// transaction: the step's readings are inserted by one `INSERT … SELECT` from `events`
+    /// (those already stored in the version are skipped, as the projector skips repeats), and
+    /// only the new ones are folded into the rollups and latest state, as
+    /// [`project`](Self::project) would. Status events move latest state forward likewise.
+    /// A step done twice changes nothing the second time, so a rebuild resumes from its last
+    /// finished step; lanes of the same positions run at once without touching the same rows.
+    ///
+    /// PostgreSQL only: on SQLite a rebuild goes through [`project`](Self::project).
+    pub async fn rebuild_step(&self, step: &RebuildStep) -> Result<RebuildOutcome> {
+        match &self.inner {
+            Inner::Postgres(s) => s.rebuild_step(step).await,
+            Inner::Sqlite(_) => Err(Error::InvalidArgument {
+                op: "rebuild_step",
+                reason: "set-based rebuilds are for PostgreSQL; on SQLite project batches"
+                    .to_owned(),
+            }),
+        }
+    }
+
+    /// The greatest position in the event store (0 when it is empty).
+    pub async fn last_position(&self) -> Result<i64> {
+        dispatch!(self.last_position())
     }
 
     /// One device's latest state in projection `version`.

@@ -286,6 +286,21 @@ impl PgStore {
         (from, from.saturating_add(iv))
     }
 
+    /// A time in each partition interval from `lo` to `hi`, for [`Self::ensure_partitions`].
+    pub(crate) fn intervals_between(
+        &self,
+        lo: DateTime<Utc>,
+        hi: DateTime<Utc>,
+    ) -> impl Iterator<Item = DateTime<Utc>> + use<> {
+        let iv = self.interval_us();
+        let (lo, hi) = (micros(lo), micros(hi));
+        let first = lo.div_euclid(iv) * iv;
+        (0..)
+            .map(move |i: i64| first.saturating_add(i.saturating_mul(iv)))
+            .take_while(move |t| *t <= hi)
+            .map(move |t| DateTime::from_timestamp_micros(t.max(lo)).unwrap_or_default())
+    }
+
     /// The current interval and `partitions_ahead` more.
     fn wanted(&self, now: DateTime<Utc>) -> Vec<(i64, i64)> {
         let (mut from, _) = self.interval_of(micros(now));
@@ -910,6 +925,14 @@ impl PgStore {
 }
 
 impl PgStore {
+    pub async fn last_position(&self) -> Result<i64> {
+        let n: Option<i64> = sqlx::query_scalar("SELECT max(position) FROM events")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db("last_position"))?;
+        Ok(n.unwrap_or(0))
+    }
+
     pub async fn count_events(&self, q: &EventQuery) -> Result<u64> {
         let mut qb = QueryBuilder::new("SELECT count(*) FROM events");
         event_filters(&mut qb, q);

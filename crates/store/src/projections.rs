@@ -143,6 +143,47 @@ pub struct ProjectionBatch {
     pub offsets: Vec<ConsumerOffset>,
 }
 
+/// One step of a set-based rebuild ([`Store::rebuild_step`](crate::Store::rebuild_step)): the
+/// event store's readings and status events at positions `after < position <= upto`, of the
+/// devices in lane `lane` of `lanes`, projected into `version`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RebuildStep {
+    /// The projection version built.
+    pub version: i32,
+    /// Positions after this one...
+    pub after: i64,
+    /// ...up to and including this one.
+    pub upto: i64,
+    /// This step's share of the devices: lanes run at once, a device always in the same one.
+    pub lane: u32,
+    /// How many lanes there are (at least 1).
+    pub lanes: u32,
+}
+
+/// What one [`RebuildStep`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RebuildOutcome {
+    /// Readings and status events of the step's positions and lane.
+    pub events: u64,
+    /// Readings newly stored in the version (repeats of a stored event id are not).
+    pub readings: u64,
+    /// Status events newer than the device's status before the step.
+    pub statuses: u64,
+    /// Events the projector cannot project (a payload that is not an object, a metric that is
+    /// not a number, a status without a state): skipped, as the live projector dead-letters
+    /// them.
+    pub unprojectable: u64,
+}
+
+impl std::ops::AddAssign for RebuildOutcome {
+    fn add_assign(&mut self, o: Self) {
+        self.events += o.events;
+        self.readings += o.readings;
+        self.statuses += o.statuses;
+        self.unprojectable += o.unprojectable;
+    }
+}
+
 /// What [`Store::project`](crate::Store::project) did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ProjectionOutcome {

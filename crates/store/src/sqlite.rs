@@ -608,6 +608,14 @@ impl SqliteStore {
 }
 
 impl SqliteStore {
+    pub async fn last_position(&self) -> Result<i64> {
+        let n: Option<i64> = sqlx::query_scalar("SELECT max(position) FROM events")
+            .fetch_one(&self.reader)
+            .await
+            .map_err(db("last_position"))?;
+        Ok(n.unwrap_or(0))
+    }
+
     pub async fn count_events(&self, q: &EventQuery) -> Result<u64> {
         let mut qb: QueryBuilder<'_, Sqlite> = QueryBuilder::new("SELECT count(*) FROM events");
         event_filters(&mut qb, q);

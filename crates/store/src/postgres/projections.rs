@@ -4,6 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::LazyLock;
 
 use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
 use sqlx::Row;
 use sqlx::postgres::PgRow;
 use sqlx::types::Json;
@@ -14,8 +15,8 @@ use crate::Result;
 use crate::error::db;
 use crate::prepare::offset_rows;
 use crate::projections::{
-    Anomaly, DeviceLatest, METRICS, MetricDelta, PreparedProjection, Prior, ProjectionBatch,
-    ProjectionOutcome, Resolution, Rollup, unpivot,
+    Anomaly, DeviceLatest, METRICS, MetricDelta, Plan, PreparedProjection, Prior, ProjectionBatch,
+    ProjectionOutcome, RebuildOutcome, RebuildStep, Resolution, Rollup, unpivot,
 };
 
 /// Rows are inserted in id order so that concurrent batches sharing ids lock them in the same
@@ -221,119 +222,10 @@ impl PgStore {
             new.extend(ids);
         }
 
-        let devices = p.devices();
-        let mut prior: HashMap<String, Prior> = HashMap::new();
-        if !devices.is_empty() {
-            let rows = sqlx::query(PRIOR)
-                .bind(version)
-                .bind(&devices)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(db(OP))?;
-            for row in rows {
-                let at: Option<DateTime<Utc>> = row.try_get("reading_at").map_err(db(OP))?;
-                let id: Option<Uuid> = row.try_get("reading_event_id").map_err(db(OP))?;
-                let s_at: Option<DateTime<Utc>> = row.try_get("status_at").map_err(db(OP))?;
-                let s_id: Option<Uuid> = row.try_get("status_event_id").map_err(db(OP))?;
-                prior.insert(
-                    row.try_get("device_id").map_err(db(OP))?,
-                    Prior {
-                        reading: at.zip(id),
-                        status: s_at.zip(s_id),
-                    },
-                );
-            }
-        }
+        let prior = prior_states(&mut tx, version, &p.devices()).await?;
         let plan = p.plan(&new, &prior)?;
 
-        for (sql, rows) in [&*UPSERT_1M, &*UPSERT_1H].into_iter().zip(&plan.rollups) {
-            if rows.is_empty() {
-                continue;
-            }
-            let mut q = sqlx::query(sql)
-                .bind(version)
-                .bind(rows.iter().map(|x| x.device_id).collect::<Vec<_>>())
-                .bind(rows.iter().map(|x| x.bucket).collect::<Vec<_>>());
-            for i in 0..METRICS.len() {
-                let m = |x: &crate::projections::RollupDelta<'_>| x.metrics[i];
-                q = q
-                    .bind(
-                        rows.iter()
-                            .map(|x| m(x).map_or(0, |m| m.count))
-                            .collect::<Vec<_>>(),
-                    )
-                    .bind(rows.iter().map(|x| m(x).map(|m| m.min)).collect::<Vec<_>>())
-                    .bind(rows.iter().map(|x| m(x).map(|m| m.max)).collect::<Vec<_>>())
-                    .bind(
-                        rows.iter()
-                            .map(|x| m(x).map_or(0.0, |m| m.sum))
-                            .collect::<Vec<_>>(),
-                    )
-                    .bind(
-                        rows.iter()
-                            .map(|x| m(x).map(|m| m.last))
-                            .collect::<Vec<_>>(),
-                    )
-                    .bind(
-                        rows.iter()
-                            .map(|x| m(x).map(|m| m.last_at))
-                            .collect::<Vec<_>>(),
-                    )
-                    .bind(
-                        rows.iter()
-                            .map(|x| m(x).map(|m| m.last_event_id))
-                            .collect::<Vec<_>>(),
-                    );
-            }
-            q.execute(&mut *tx).await.map_err(db(OP))?;
-        }
-
-        if !plan.devices.is_empty() {
-            let d = &plan.devices;
-            let sql = UPSERT_DEVICES
-                .replace("newer_reading", NEWER_READING)
-                .replace("newer_status", NEWER_STATUS);
-            sqlx::query(&sql)
-                .bind(version)
-                .bind(d.iter().map(|x| x.device_id).collect::<Vec<_>>())
-                .bind(d.iter().map(|x| x.last_seen).collect::<Vec<_>>())
-                .bind(
-                    d.iter()
-                        .map(|x| x.reading.as_ref().map(|r| r.0))
-                        .collect::<Vec<_>>(),
-                )
-                .bind(
-                    d.iter()
-                        .map(|x| x.reading.as_ref().map(|r| r.1))
-                        .collect::<Vec<_>>(),
-                )
-                .bind(
-                    d.iter()
-                        .map(|x| x.reading.as_ref().map(|r| r.2.as_str()))
-                        .collect::<Vec<_>>(),
-                )
-                .bind(
-                    d.iter()
-                        .map(|x| x.status.map(|s| s.1.state.as_str()))
-                        .collect::<Vec<_>>(),
-                )
-                .bind(
-                    d.iter()
-                        .map(|x| x.status.and_then(|s| s.1.reason.as_deref()))
-                        .collect::<Vec<_>>(),
-                )
-                .bind(d.iter().map(|x| x.status.map(|s| s.0)).collect::<Vec<_>>())
-                .bind(
-                    d.iter()
-                        .map(|x| x.status.map(|s| s.1.event_id))
-                        .collect::<Vec<_>>(),
-                )
-                .bind(d.iter().map(|x| x.late).collect::<Vec<_>>())
-                .execute(&mut *tx)
-                .await
-                .map_err(db(OP))?;
-        }
-
+        write_plan(&mut tx, version, &plan).await?;
         let mut outcome = plan.outcome;
         if !p.anomalies.is_empty() {
             let a = &p.anomalies;
@@ -559,4 +451,347 @@ fn wide_rollups_from_row(row: &PgRow, out: &mut Vec<Rollup>) -> Result<()> {
         out,
     );
     Ok(())
+}
+
+/// The devices' state before a batch, their rows locked until the transaction ends.
+async fn prior_states(
+    conn: &mut PgConnection,
+    version: i32,
+    devices: &[&str],
+) -> Result<HashMap<String, Prior>> {
+    const OP: &str = "project";
+    let mut prior: HashMap<String, Prior> = HashMap::new();
+    if !devices.is_empty() {
+        let rows = sqlx::query(PRIOR)
+            .bind(version)
+            .bind(devices)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(db(OP))?;
+        for row in rows {
+            let at: Option<DateTime<Utc>> = row.try_get("reading_at").map_err(db(OP))?;
+            let id: Option<Uuid> = row.try_get("reading_event_id").map_err(db(OP))?;
+            let s_at: Option<DateTime<Utc>> = row.try_get("status_at").map_err(db(OP))?;
+            let s_id: Option<Uuid> = row.try_get("status_event_id").map_err(db(OP))?;
+            prior.insert(
+                row.try_get("device_id").map_err(db(OP))?,
+                Prior {
+                    reading: at.zip(id),
+                    status: s_at.zip(s_id),
+                },
+            );
+        }
+    }
+    Ok(prior)
+}
+
+/// The plan's rollup and latest-state deltas, merged into the stored rows.
+async fn write_plan(conn: &mut PgConnection, version: i32, plan: &Plan<'_>) -> Result<()> {
+    const OP: &str = "project";
+    for (sql, rows) in [&*UPSERT_1M, &*UPSERT_1H].into_iter().zip(&plan.rollups) {
+        if rows.is_empty() {
+            continue;
+        }
+        let mut q = sqlx::query(sql)
+            .bind(version)
+            .bind(rows.iter().map(|x| x.device_id).collect::<Vec<_>>())
+            .bind(rows.iter().map(|x| x.bucket).collect::<Vec<_>>());
+        for i in 0..METRICS.len() {
+            let m = |x: &crate::projections::RollupDelta<'_>| x.metrics[i];
+            q = q
+                .bind(
+                    rows.iter()
+                        .map(|x| m(x).map_or(0, |m| m.count))
+                        .collect::<Vec<_>>(),
+                )
+                .bind(rows.iter().map(|x| m(x).map(|m| m.min)).collect::<Vec<_>>())
+                .bind(rows.iter().map(|x| m(x).map(|m| m.max)).collect::<Vec<_>>())
+                .bind(
+                    rows.iter()
+                        .map(|x| m(x).map_or(0.0, |m| m.sum))
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    rows.iter()
+                        .map(|x| m(x).map(|m| m.last))
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    rows.iter()
+                        .map(|x| m(x).map(|m| m.last_at))
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    rows.iter()
+                        .map(|x| m(x).map(|m| m.last_event_id))
+                        .collect::<Vec<_>>(),
+                );
+        }
+        q.execute(&mut *conn).await.map_err(db(OP))?;
+    }
+
+    if !plan.devices.is_empty() {
+        let d = &plan.devices;
+        let sql = UPSERT_DEVICES
+            .replace("newer_reading", NEWER_READING)
+            .replace("newer_status", NEWER_STATUS);
+        sqlx::query(&sql)
+            .bind(version)
+            .bind(d.iter().map(|x| x.device_id).collect::<Vec<_>>())
+            .bind(d.iter().map(|x| x.last_seen).collect::<Vec<_>>())
+            .bind(
+                d.iter()
+                    .map(|x| x.reading.as_ref().map(|r| r.0))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                d.iter()
+                    .map(|x| x.reading.as_ref().map(|r| r.1))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                d.iter()
+                    .map(|x| x.reading.as_ref().map(|r| r.2.as_str()))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                d.iter()
+                    .map(|x| x.status.map(|s| s.1.state.as_str()))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                d.iter()
+                    .map(|x| x.status.and_then(|s| s.1.reason.as_deref()))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(d.iter().map(|x| x.status.map(|s| s.0)).collect::<Vec<_>>())
+            .bind(
+                d.iter()
+                    .map(|x| x.status.map(|s| s.1.event_id))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(d.iter().map(|x| x.late).collect::<Vec<_>>())
+            .execute(&mut *conn)
+            .await
+            .map_err(db(OP))?;
+    }
+
+    Ok(())
+}
+
+// ---- set-based rebuild ----------------------------------------------------------------------
+//
+// The SQL below is the projector's mapping of an event to a reading or a status
+// (`sluice_projector::project`), in SQL; `processors/projector/tests/rebuild.rs` holds the two
+// equal.
+
+/// A reading the projector can project: an object payload whose rolled-up metrics are numbers
+/// or null.
+static READING_OK: LazyLock<String> = LazyLock::new(|| {
+    let mut ok = vec!["jsonb_typeof(e.payload) = 'object'".to_owned()];
+    for m in METRICS {
+        ok.push(format!(
+            "coalesce(jsonb_typeof(e.payload->'{m}'), 'null') IN ('null', 'number')"
+        ));
+    }
+    format!("({})", ok.join(" AND "))
+});
+
+const STATUS_OK: &str = "coalesce(jsonb_typeof(e.payload->'state') = 'string', false)";
+
+/// The step's positions, types and lane (`$2 < position <= $3`, lane `$4` of `$5`).
+const STEP_EVENTS: &str = "e.position > $2 AND e.position <= $3 \
+     AND (hashtext(e.aggregate_id) & 2147483647) % $5 = $4";
+
+/// Its events, the unprojectable among them, and the device-time range of its readings (for
+/// the partitions they go to).
+static STEP_COUNTS: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT count(*) AS events,
+                count(*) FILTER (WHERE NOT CASE WHEN e.event_type = 'sensor.reading'
+                                                THEN {ok} ELSE {STATUS_OK} END) AS unprojectable,
+                min(e.occurred_at) FILTER (WHERE e.event_type = 'sensor.reading') AS lo,
+                max(e.occurred_at) FILTER (WHERE e.event_type = 'sensor.reading') AS hi
+         FROM events e
+         WHERE $1::int4 IS NOT NULL AND {STEP_EVENTS}
+           AND e.event_type IN ('sensor.reading', 'device.status')",
+        ok = *READING_OK
+    )
+});
+
+/// The step's readings, inserted in event-id order (the lock order of `INSERT_READINGS`, so a
+/// projector writing the same version meanwhile cannot deadlock with it); returns the new ones.
+static STEP_READINGS: LazyLock<String> = LazyLock::new(|| {
+    let metrics: Vec<String> = METRICS
+        .iter()
+        .map(|m| format!("(e.payload->>'{m}')::float8"))
+        .collect();
+    format!(
+        "INSERT INTO readings (version, event_id, device_id, at, ingested_at, seq, {cols}, extra)
+         SELECT $1, e.event_id, e.aggregate_id, e.occurred_at, e.ingested_at,
+                CASE WHEN jsonb_typeof(e.payload->'seq') = 'number'
+                          AND e.payload->>'seq' ~ '^-?[0-9]{{1,18}}$'
+                     THEN (e.payload->>'seq')::int8 END,
+                {metrics},
+                CASE WHEN jsonb_typeof(e.payload->'extra') = 'object' THEN
+                    (SELECT coalesce(jsonb_object_agg(x.key, x.value), '{{}}'::jsonb)
+                     FROM jsonb_each(e.payload->'extra') AS x
+                     WHERE jsonb_typeof(x.value) = 'number')
+                ELSE '{{}}'::jsonb END
+         FROM events e
+         WHERE {STEP_EVENTS} AND e.event_type = 'sensor.reading' AND {ok}
+         ORDER BY e.event_id
+         ON CONFLICT (version, event_id, at) DO NOTHING
+         RETURNING event_id, device_id, at, {cols}",
+        cols = METRICS.join(", "),
+        metrics = metrics.join(", "),
+        ok = *READING_OK
+    )
+});
+
+static STEP_STATUSES: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT e.event_id, e.aggregate_id, e.occurred_at, e.payload->>'state' AS state,
+                CASE WHEN jsonb_typeof(e.payload->'reason') = 'string'
+                     THEN e.payload->>'reason' END AS reason
+         FROM events e
+         WHERE $1::int4 IS NOT NULL AND {STEP_EVENTS} AND e.event_type = 'device.status'
+           AND {STATUS_OK}"
+    )
+});
+
+/// Payloads by event id, through `event_ids` (the events table is indexed by position only).
+const PAYLOADS: &str = "
+SELECT i.event_id, e.payload::text
+FROM event_ids i JOIN events e ON e.position = i.position AND e.ingested_at = i.ingested_at
+WHERE i.event_id = ANY($1)";
+
+impl PgStore {
+    pub async fn rebuild_step(&self, step: &RebuildStep) -> Result<RebuildOutcome> {
+        const OP: &str = "rebuild_step";
+        if step.lanes == 0 || step.lane >= step.lanes {
+            return Err(crate::Error::InvalidArgument {
+                op: OP,
+                reason: format!("lane {} of {} does not exist", step.lane, step.lanes),
+            });
+        }
+        let (lane, lanes) = (i32::try_from(step.lane), i32::try_from(step.lanes));
+        let (Ok(lane), Ok(lanes)) = (lane, lanes) else {
+            return Err(crate::Error::InvalidArgument {
+                op: OP,
+                reason: "too many lanes".to_owned(),
+            });
+        };
+        let bind = |sql: &'static str| {
+            sqlx::query(sql)
+                .bind(step.version)
+                .bind(step.after)
+                .bind(step.upto)
+                .bind(lane)
+                .bind(lanes)
+        };
+        let counts = bind(STEP_COUNTS.as_str())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db(OP))?;
+        let events: i64 = counts.try_get("events").map_err(db(OP))?;
+        let unprojectable: i64 = counts.try_get("unprojectable").map_err(db(OP))?;
+        let lo: Option<DateTime<Utc>> = counts.try_get("lo").map_err(db(OP))?;
+        let hi: Option<DateTime<Utc>> = counts.try_get("hi").map_err(db(OP))?;
+        if let (Some(lo), Some(hi)) = (lo, hi) {
+            self.ensure_partitions(Partitioned::Readings, self.intervals_between(lo, hi))
+                .await;
+        }
+
+        let mut tx = self.pool.begin().await.map_err(db(OP))?;
+        let rows = bind(STEP_READINGS.as_str())
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db(OP))?;
+        let mut readings = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let at: DateTime<Utc> = row.try_get("at").map_err(db(OP))?;
+            let mut values = [None; 5];
+            for (v, m) in values.iter_mut().zip(METRICS) {
+                *v = row.try_get(m).map_err(db(OP))?;
+            }
+            let [
+                temperature_c,
+                humidity_pct,
+                pressure_hpa,
+                vibration_mm_s,
+                battery_pct,
+            ] = values;
+            readings.push(crate::Reading {
+                event_id: row.try_get("event_id").map_err(db(OP))?,
+                device_id: row.try_get("device_id").map_err(db(OP))?,
+                at,
+                ingested_at: at,
+                seq: None,
+                temperature_c,
+                humidity_pct,
+                pressure_hpa,
+                vibration_mm_s,
+                battery_pct,
+                extra: Default::default(),
+                // Only the newest per device is kept: fetched below, once planned.
+                payload: serde_json::Value::Null,
+            });
+        }
+        let rows = bind(STEP_STATUSES.as_str())
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db(OP))?;
+        let mut statuses = Vec::with_capacity(rows.len());
+        for row in &rows {
+            statuses.push(crate::StatusChange {
+                event_id: row.try_get("event_id").map_err(db(OP))?,
+                device_id: row.try_get("aggregate_id").map_err(db(OP))?,
+                at: row.try_get("occurred_at").map_err(db(OP))?,
+                state: row.try_get("state").map_err(db(OP))?,
+                reason: row.try_get("reason").map_err(db(OP))?,
+            });
+        }
+        let batch = ProjectionBatch {
+            version: step.version,
+            readings,
+            statuses,
+            ..ProjectionBatch::default()
+        };
+        let p = PreparedProjection::new(&batch)?;
+        // Every reading returned was inserted just now.
+        let new: HashSet<Uuid> = batch.readings.iter().map(|r| r.event_id).collect();
+        let prior = prior_states(&mut tx, step.version, &p.devices()).await?;
+        let mut plan = p.plan(&new, &prior)?;
+
+        let newest: Vec<Uuid> = plan
+            .devices
+            .iter()
+            .filter_map(|d| d.reading.as_ref().map(|r| r.1))
+            .collect();
+        if !newest.is_empty() {
+            let payloads: HashMap<Uuid, String> = sqlx::query_as(PAYLOADS)
+                .bind(&newest)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db(OP))?
+                .into_iter()
+                .collect();
+            for d in &mut plan.devices {
+                if let Some((_, id, payload)) = &mut d.reading {
+                    *payload = payloads.get(id).cloned().ok_or_else(|| {
+                        crate::Error::corrupt(OP, format!("event {id} has no payload"))
+                    })?;
+                }
+            }
+        }
+        write_plan(&mut tx, step.version, &plan).await?;
+        tx.commit().await.map_err(db(OP))?;
+        Ok(RebuildOutcome {
+            events: u64::try_from(events).unwrap_or(0),
+            readings: plan.outcome.readings,
+            statuses: plan.outcome.statuses,
+            unprojectable: u64::try_from(unprojectable).unwrap_or(0),
+        })
+    }
 }
