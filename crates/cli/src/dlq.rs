@@ -303,16 +303,11 @@ async fn replay(ops: &Ops, ids: &[i64], select: &DlqSelect, dry_run: bool) -> Re
     for s in &skipped {
         eprintln!("skipped: {s}");
     }
-    // A dead action's raw bytes are the webhook body, not a record of `actions.requested`.
+    // A dead action's raw bytes are the webhook body, not a record of `actions.requested`:
+    // its action is scheduled again instead, and delivered under its own id.
     let (actions, entries): (Vec<DlqEntry>, Vec<DlqEntry>) = entries
         .into_iter()
         .partition(|e| e.processor == EXECUTOR_PROCESSOR);
-    for e in &actions {
-        eprintln!(
-            "skipped: {} is a dead action (its bytes are the webhook body); re-drive the action, not the letter",
-            e.dlq_id
-        );
-    }
     let mut by_topic: BTreeMap<&str, usize> = BTreeMap::new();
     for e in &entries {
         *by_topic.entry(e.topic.as_str()).or_default() += 1;
@@ -324,18 +319,40 @@ async fn replay(ops: &Ops, ids: &[i64], select: &DlqSelect, dry_run: bool) -> Re
         .join(", ");
     if dry_run {
         println!(
-            "would re-publish {} dead letter(s){}{topics}; nothing changed",
+            "would re-publish {} dead letter(s){}{topics} and re-drive {} dead action(s); nothing changed",
             entries.len(),
-            if topics.is_empty() { "" } else { ": " }
+            if topics.is_empty() { "" } else { ": " },
+            actions.len()
         );
         return Ok(ExitCode::SUCCESS);
     }
+    let mut not_redriven = 0;
+    if !actions.is_empty() {
+        let ids: Vec<i64> = actions.iter().map(|e| e.dlq_id).collect();
+        let redriven = ops.store.redrive_dead_actions(&ids, &ops.who).await?;
+        for e in actions.iter().filter(|e| !redriven.contains(&e.dlq_id)) {
+            not_redriven += 1;
+            eprintln!(
+                "skipped: {} (action {}) is no longer dead",
+                e.dlq_id,
+                e.event_id.map_or_else(|| "?".into(), |id| id.to_string())
+            );
+        }
+        println!(
+            "re-drove {} dead action(s): the executor delivers each once more under its own \
+             webhook-id (a receiver that saw it dedups it)",
+            redriven.len()
+        );
+    }
+    let failed = !skipped.is_empty() || not_redriven > 0;
     if entries.is_empty() {
-        println!("nothing to re-publish");
-        return Ok(if skipped.is_empty() && actions.is_empty() {
-            ExitCode::SUCCESS
-        } else {
+        if actions.is_empty() {
+            println!("nothing to re-publish");
+        }
+        return Ok(if failed {
             ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
         });
     }
     let url = ops.log_url()?.to_owned();
@@ -348,12 +365,12 @@ async fn replay(ops: &Ops, ids: &[i64], select: &DlqSelect, dry_run: bool) -> Re
     };
     println!(
         "re-published {done} dead letter(s) ({topics}) and marked them replayed; {} skipped",
-        skipped.len() + actions.len()
+        skipped.len() + not_redriven
     );
-    Ok(if skipped.is_empty() && actions.is_empty() {
-        ExitCode::SUCCESS
-    } else {
+    Ok(if failed {
         ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     })
 }
 

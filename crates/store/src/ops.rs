@@ -218,6 +218,17 @@ impl Store {
         }
     }
 
+    /// Re-drives dead actions through their dead letters, in one transaction: of the letters
+    /// `ids`, those pending, of the executor, whose action is dead, are marked `replayed` by
+    /// `who` (audited), and their actions are pending again, due now, with their attempts so
+    /// far (so one more failure makes them dead again, with a new letter). The executor then
+    /// delivers them with their own ids: a receiver that saw one before dedups it. Returns the
+    /// letters re-driven, ascending.
+    pub async fn redrive_dead_actions(&self, ids: &[i64], who: &str) -> Result<Vec<i64>> {
+        let at = prepare::trunc(Utc::now());
+        crate::dispatch!(self.redrive_dead_actions(ids, who, at))
+    }
+
     /// The audit log, oldest first: of one target, or all; at most `limit` rows (the newest).
     pub async fn audit_log(&self, target: Option<&str>, limit: u32) -> Result<Vec<AuditEntry>> {
         crate::dispatch!(self.audit_log(target, limit))

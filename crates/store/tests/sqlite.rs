@@ -111,6 +111,7 @@ contract!(
     claims_give_each_due_action_to_one_claimer,
     claims_respect_the_schedule_and_the_lease,
     attempts_move_actions_and_fill_the_ledger,
+    a_dead_action_is_redriven_once_through_its_letter,
     actions_retention_keeps_pending_ones,
     select_reads_the_action_ledger,
 );

@@ -52,6 +52,54 @@ impl PgStore {
         audit_in(&mut conn, at, who, action, target, detail).await
     }
 
+    pub async fn redrive_dead_actions(
+        &self,
+        ids: &[i64],
+        who: &str,
+        at: DateTime<Utc>,
+    ) -> Result<Vec<i64>> {
+        const OP: &str = "redrive_dead_actions";
+        let mut tx = self.pool.begin().await.map_err(db(OP))?;
+        let mut redriven: Vec<(i64, uuid::Uuid)> = sqlx::query_as(
+            "UPDATE dlq SET status = 'replayed', status_changed_by = $2, status_changed_at = $3
+             WHERE dlq_id = ANY($1) AND status = 'pending' AND processor = $4
+               AND event_id IN (SELECT action_id FROM actions WHERE status = 'dead')
+             RETURNING dlq_id, event_id",
+        )
+        .bind(ids)
+        .bind(who)
+        .bind(at)
+        .bind(crate::EXECUTOR_PROCESSOR)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db(OP))?;
+        redriven.sort_unstable();
+        let actions: Vec<uuid::Uuid> = redriven.iter().map(|r| r.1).collect();
+        sqlx::query(
+            "UPDATE actions SET status = 'pending', next_attempt_at = $2, updated_at = $2
+             WHERE action_id = ANY($1) AND status = 'dead'",
+        )
+        .bind(&actions)
+        .bind(at)
+        .execute(&mut *tx)
+        .await
+        .map_err(db(OP))?;
+        for (id, action) in &redriven {
+            let detail = serde_json::json!({ "action_id": action });
+            audit_in(
+                &mut tx,
+                at,
+                who,
+                "dlq.replay",
+                &format!("dlq:{id}"),
+                &detail,
+            )
+            .await?;
+        }
+        tx.commit().await.map_err(db(OP))?;
+        Ok(redriven.into_iter().map(|r| r.0).collect())
+    }
+
     pub async fn audit_log(&self, target: Option<&str>, limit: u32) -> Result<Vec<AuditEntry>> {
         const OP: &str = "audit_log";
         let rows = sqlx::query(

@@ -863,6 +863,83 @@ pub async fn attempts_move_actions_and_fill_the_ledger<H: Harness>(h: &H) {
     assert_eq!(store.actions_pending().await.unwrap(), 0);
 }
 
+/// An operator re-drives a dead action through its dead letter: the letter is `replayed`
+/// (audited) and the action pending and due again with its attempts so far, so the executor
+/// claims it once more under its own id; a second re-drive, or one of a letter that is not a
+/// dead action's, changes nothing.
+pub async fn a_dead_action_is_redriven_once_through_its_letter<H: Harness>(h: &H) {
+    let store = h.open().await;
+    let a = deliver(Uuid::new_v4());
+    store.enqueue_actions(&[a.clone()], &[]).await.unwrap();
+    let t1 = now();
+    assert_eq!(claim_all(&store, t1).await, vec![a.action_id]);
+    store
+        .record_attempt(
+            a.action_id,
+            &attempt(t1, Some(500), 15, None),
+            NextStep::Dead,
+        )
+        .await
+        .unwrap();
+    let letters = store.dlq_list(&DlqFilter::default()).await.unwrap();
+    assert_eq!(letters.len(), 1);
+    let letter = letters[0].dlq_id;
+    assert_eq!(store.actions_pending().await.unwrap(), 0);
+
+    let redriven = store
+        .redrive_dead_actions(&[letter, letter + 1000], "local:ops")
+        .await
+        .unwrap();
+    assert_eq!(redriven, vec![letter], "only the dead action's letter");
+    let row = store.action(a.action_id).await.unwrap().unwrap();
+    assert_eq!((row.status, row.attempts), (ActionStatus::Pending, 1));
+    assert!(row.next_attempt_at.is_some_and(|t| t <= now()));
+    assert_eq!(claim_all(&store, now()).await, vec![a.action_id]);
+    let entry = store.dlq_get(letter).await.unwrap().unwrap();
+    assert_eq!(
+        (entry.status, entry.status_changed_by.as_deref()),
+        (DlqStatus::Replayed, Some("local:ops"))
+    );
+    let audit = store
+        .audit_log(Some(&format!("dlq:{letter}")), 10)
+        .await
+        .unwrap();
+    assert_eq!(audit.len(), 1);
+    assert_eq!(
+        (audit[0].action.as_str(), &audit[0].detail["action_id"]),
+        ("dlq.replay", &serde_json::json!(a.action_id))
+    );
+
+    // Delivered this time; re-driving the letter again changes nothing.
+    store
+        .record_attempt(
+            a.action_id,
+            &attempt(now(), Some(200), 10, None),
+            NextStep::Delivered,
+        )
+        .await
+        .unwrap();
+    assert!(
+        store
+            .redrive_dead_actions(&[letter], "local:ops")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store.action(a.action_id).await.unwrap().unwrap().status,
+        ActionStatus::Delivered
+    );
+    assert_eq!(
+        ledger(&store, a.action_id).await,
+        vec![
+            (1, LedgerOutcome::Dead, None),
+            (2, LedgerOutcome::Delivered, None),
+        ]
+    );
+    assert_eq!(h.scalar("SELECT count(*) FROM audit_log").await, 1);
+}
+
 // ---- retention -------------------------------------------------------------------------------
 
 /// `maintain` deletes finished actions (delivered, dead, denied, suppressed) whose last change
