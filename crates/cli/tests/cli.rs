@@ -996,6 +996,70 @@ fn bench_query_times_the_endpoint_against_postgres_and_leaves_no_trace() {
     block_on(db.drop_now());
 }
 
+/// The replay bench runs both jobs in a scratch database beside the one given, checks the
+/// rebuilt rollups itself (it fails when they differ from a GROUP BY), and drops it; the
+/// database given is not written to.
+#[test]
+fn bench_replay_runs_both_jobs_in_a_scratch_database_and_drops_it() {
+    let db = block_on(sluice_store::testing::TestDatabase::create());
+    let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args([
+            "bench",
+            "replay",
+            "--store",
+            &db.url,
+            "--events",
+            "3000",
+            "--devices",
+            "30",
+            "--json",
+        ])
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["events"], 3000, "{report}");
+    assert!(
+        report["rollups_verified"].as_u64().unwrap() >= 30,
+        "{report}"
+    );
+    for figure in [
+        "copy_rows_per_s",
+        "log_produce_msgs_per_s",
+        "replay_events_per_s",
+        "rebuild_events_per_s",
+        "replay_vs_log",
+        "rebuild_vs_copy",
+    ] {
+        assert!(report[figure].as_f64().unwrap() > 0.0, "{figure}: {report}");
+    }
+    let (scratch, events) = block_on(async {
+        let mut admin = sluice_store::testing::admin().await;
+        let scratch: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_database WHERE datname LIKE 'sluice_bench_replay_' || $1 || '_%'",
+        )
+        .bind(pid.to_string())
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+        let store = Store::connect(&db.url, StoreOptions::default())
+            .await
+            .unwrap();
+        store.migrate().await.unwrap();
+        let events = store.last_position().await.unwrap();
+        store.close().await;
+        (scratch, events)
+    });
+    assert_eq!(scratch, 0, "the scratch database is dropped");
+    assert_eq!(events, 0, "the store given is not written to");
+    block_on(db.drop_now());
+}
+
 #[test]
 fn sql_says_what_is_missing() {
     let dir = tempfile::tempdir().unwrap();
