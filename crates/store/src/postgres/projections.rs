@@ -599,9 +599,16 @@ static READING_OK: LazyLock<String> = LazyLock::new(|| {
 
 const STATUS_OK: &str = "coalesce(jsonb_typeof(e.payload->'state') = 'string', false)";
 
-/// The step's positions, types and lane (`$2 < position <= $3`, lane `$4` of `$5`).
-const STEP_EVENTS: &str = "e.position > $2 AND e.position <= $3 \
-     AND (hashtext(e.aggregate_id) & 2147483647) % $5 = $4";
+/// The step's events of `types`: positions `$2 < position <= $3`, lane `$4` of `$5`. `OFFSET 0`
+/// keeps the lane test ahead of the payload tests, which then see only the lane's events.
+fn step_events(types: &str) -> String {
+    format!(
+        "(SELECT * FROM events e
+          WHERE e.position > $2 AND e.position <= $3 AND e.event_type IN ({types})
+            AND (hashtext(e.aggregate_id) & 2147483647) % $5 = $4
+          OFFSET 0) AS e"
+    )
+}
 
 /// Its events, the unprojectable among them, and the device-time range of its readings (for
 /// the partitions they go to).
@@ -612,10 +619,10 @@ static STEP_COUNTS: LazyLock<String> = LazyLock::new(|| {
                                                 THEN {ok} ELSE {STATUS_OK} END) AS unprojectable,
                 min(e.occurred_at) FILTER (WHERE e.event_type = 'sensor.reading') AS lo,
                 max(e.occurred_at) FILTER (WHERE e.event_type = 'sensor.reading') AS hi
-         FROM events e
-         WHERE $1::int4 IS NOT NULL AND {STEP_EVENTS}
-           AND e.event_type IN ('sensor.reading', 'device.status')",
-        ok = *READING_OK
+         FROM {events}
+         WHERE $1::int4 IS NOT NULL",
+        ok = *READING_OK,
+        events = step_events("'sensor.reading', 'device.status'")
     )
 });
 
@@ -638,14 +645,15 @@ static STEP_READINGS: LazyLock<String> = LazyLock::new(|| {
                      FROM jsonb_each(e.payload->'extra') AS x
                      WHERE jsonb_typeof(x.value) = 'number')
                 ELSE '{{}}'::jsonb END
-         FROM events e
-         WHERE {STEP_EVENTS} AND e.event_type = 'sensor.reading' AND {ok}
+         FROM {events}
+         WHERE {ok}
          ORDER BY e.event_id
          ON CONFLICT (version, event_id, at) DO NOTHING
          RETURNING event_id, device_id, at, {cols}",
         cols = METRICS.join(", "),
         metrics = metrics.join(", "),
-        ok = *READING_OK
+        ok = *READING_OK,
+        events = step_events("'sensor.reading'")
     )
 });
 
@@ -654,9 +662,9 @@ static STEP_STATUSES: LazyLock<String> = LazyLock::new(|| {
         "SELECT e.event_id, e.aggregate_id, e.occurred_at, e.payload->>'state' AS state,
                 CASE WHEN jsonb_typeof(e.payload->'reason') = 'string'
                      THEN e.payload->>'reason' END AS reason
-         FROM events e
-         WHERE $1::int4 IS NOT NULL AND {STEP_EVENTS} AND e.event_type = 'device.status'
-           AND {STATUS_OK}"
+         FROM {events}
+         WHERE $1::int4 IS NOT NULL AND {STATUS_OK}",
+        events = step_events("'device.status'")
     )
 });
 
@@ -704,6 +712,11 @@ impl PgStore {
         }
 
         let mut tx = self.pool.begin().await.map_err(db(OP))?;
+        // The step's readings are sorted by event id: in memory, not in temporary files.
+        sqlx::query("SET LOCAL work_mem = '64MB'")
+            .execute(&mut *tx)
+            .await
+            .map_err(db(OP))?;
         let rows = bind(STEP_READINGS.as_str())
             .fetch_all(&mut *tx)
             .await

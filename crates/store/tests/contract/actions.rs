@@ -870,7 +870,10 @@ pub async fn attempts_move_actions_and_fill_the_ledger<H: Harness>(h: &H) {
 pub async fn a_dead_action_is_redriven_once_through_its_letter<H: Harness>(h: &H) {
     let store = h.open().await;
     let a = deliver(Uuid::new_v4());
-    store.enqueue_actions(std::slice::from_ref(&a), &[]).await.unwrap();
+    store
+        .enqueue_actions(std::slice::from_ref(&a), &[])
+        .await
+        .unwrap();
     let t1 = now();
     assert_eq!(claim_all(&store, t1).await, vec![a.action_id]);
     store
