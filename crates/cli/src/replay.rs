@@ -498,17 +498,10 @@ pub(crate) async fn to_topic<L: Log>(
             .await
             .with_context(|| format!("cannot publish to {topic}"))?;
         done += n;
-        bar.set_position(done);
-        let state = store.replay_job_progress(&job.job_id, cursor, done).await?;
-        if state == JobState::Cancelling {
+        if let Some(end) = progressed(store, job, cursor, done, &bar, &pacer, stop).await? {
             bar.abandon();
-            return Ok(Ended::Cancelled);
+            return Ok(end);
         }
-        if stop.is_cancelled() {
-            bar.abandon();
-            return Ok(Ended::Interrupted);
-        }
-        pacer.wait(done, stop).await;
     }
     bar.finish_and_clear();
     let secs = started.elapsed().as_secs_f64().max(1e-9);
@@ -525,6 +518,33 @@ pub(crate) async fn to_topic<L: Log>(
         },
         if mark.rescore { "re-scored" } else { "skipped" },
     )))
+}
+
+/// Records a job's progress after a page or step, then paces it; says when it must stop
+/// instead (cancelled, or interrupted by Ctrl-C).
+async fn progressed(
+    store: &Store,
+    job: &ReplayJob,
+    cursor: i64,
+    done: u64,
+    bar: &indicatif::ProgressBar,
+    pacer: &Pacer,
+    stop: &CancellationToken,
+) -> Result<Option<Ended>> {
+    // Events keep coming during a rebuild: the total grows with them.
+    if done > bar.length().unwrap_or(0) {
+        bar.set_length(done);
+    }
+    bar.set_position(done);
+    let state = store.replay_job_progress(&job.job_id, cursor, done).await?;
+    if state == JobState::Cancelling {
+        return Ok(Some(Ended::Cancelled));
+    }
+    if stop.is_cancelled() {
+        return Ok(Some(Ended::Interrupted));
+    }
+    pacer.wait(done, stop).await;
+    Ok(None)
 }
 
 async fn fetch(store: Store, query: EventQuery) -> Result<Vec<sluice_store::StoredEvent>> {
@@ -654,18 +674,9 @@ pub(crate) async fn steps(
                 unprojectable += outcome.unprojectable;
             }
             cursor = upto;
-            if done > bar.length().unwrap_or(0) {
-                bar.set_length(done);
+            if let Some(end) = progressed(store, job, cursor, done, bar, pacer, stop).await? {
+                return Ok(Built::Stopped(end));
             }
-            bar.set_position(done);
-            let state = store.replay_job_progress(&job.job_id, cursor, done).await?;
-            if state == JobState::Cancelling {
-                return Ok(Built::Stopped(Ended::Cancelled));
-            }
-            if stop.is_cancelled() {
-                return Ok(Built::Stopped(Ended::Interrupted));
-            }
-            pacer.wait(done, stop).await;
         }
     }
 }
@@ -712,18 +723,9 @@ async fn batches(
         }
         store.project(&batch).await?;
         done += page.len() as u64;
-        if done > bar.length().unwrap_or(0) {
-            bar.set_length(done);
+        if let Some(end) = progressed(store, job, cursor, done, bar, pacer, stop).await? {
+            return Ok(Built::Stopped(end));
         }
-        bar.set_position(done);
-        let state = store.replay_job_progress(&job.job_id, cursor, done).await?;
-        if state == JobState::Cancelling {
-            return Ok(Built::Stopped(Ended::Cancelled));
-        }
-        if stop.is_cancelled() {
-            return Ok(Built::Stopped(Ended::Interrupted));
-        }
-        pacer.wait(done, stop).await;
     }
     Ok(Built::Whole {
         done,
