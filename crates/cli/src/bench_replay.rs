@@ -87,7 +87,11 @@ pub fn bench_replay(args: &BenchReplayArgs) -> Result<ExitCode> {
                 )
             })?;
         let url = scratch.url.clone();
-        let result = run(args, &url, codec).await;
+        // Ctrl-C ends the run, not the process: the scratch database is still dropped.
+        let result = tokio::select! {
+            r = run(args, &url, codec) => r,
+            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        };
         // Dropped whatever happened; a failure to drop is reported only if the run worked.
         let dropped = scratch.drop_now().await;
         let report = result?;

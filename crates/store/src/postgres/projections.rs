@@ -668,11 +668,11 @@ static STEP_STATUSES: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
-/// Payloads by event id, through `event_ids` (the events table is indexed by position only).
+/// Payloads by event id among the step's positions (the events table is indexed by position;
+/// a join through `event_ids` is planned as a scan of every event).
 const PAYLOADS: &str = "
-SELECT i.event_id, e.payload::text
-FROM event_ids i JOIN events e ON e.position = i.position AND e.ingested_at = i.ingested_at
-WHERE i.event_id = ANY($1)";
+SELECT e.event_id, e.payload::text FROM events e
+WHERE e.position > $2 AND e.position <= $3 AND e.event_id = ANY($1)";
 
 impl PgStore {
     pub async fn rebuild_step(&self, step: &RebuildStep) -> Result<RebuildOutcome> {
@@ -785,6 +785,8 @@ impl PgStore {
         if !newest.is_empty() {
             let payloads: HashMap<Uuid, String> = sqlx::query_as(PAYLOADS)
                 .bind(&newest)
+                .bind(step.after)
+                .bind(step.upto)
                 .fetch_all(&mut *tx)
                 .await
                 .map_err(db(OP))?
