@@ -252,6 +252,13 @@ async fn measure(
         _ => bail!("the replay stopped before the end"),
     }
     let replay_events_per_s = args.events as f64 / began.elapsed().as_secs_f64();
+    let acknowledged = store.replay_job(&job.job_id).await?.map_or(0, |j| j.done);
+    if acknowledged != args.events {
+        bail!(
+            "the log acknowledged {acknowledged} replayed events of {}",
+            args.events
+        );
+    }
     drop(log);
 
     let version = store
