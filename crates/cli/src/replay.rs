@@ -473,46 +473,35 @@ pub(crate) async fn to_topic<L: Log>(
     let pacer = Pacer::new(selection.rate, job.done);
     let mut done = job.done;
     let started = Instant::now();
-    // Three pages at once: the next is read while this one is encoded and the one before is
-    // published (the log's fsyncs overlap the encoding). A page counts as done, in the job's
-    // progress, only once the log acknowledged it.
+    // The next page is read while this one is encoded and published.
     let mut next = Some(tokio::spawn(fetch(store.clone(), query.clone())));
-    let mut encoded: Option<(Vec<sluice_log::Record>, i64, u64)> = None;
-    loop {
-        let page = match next.take() {
-            Some(fetching) => fetching.await.context("the reader task failed")??,
-            None => Vec::new(),
-        };
-        if let Some(last) = page.last() {
-            query.after_position = last.position;
-            next = Some(tokio::spawn(fetch(store.clone(), query.clone())));
+    while let Some(fetching) = next.take() {
+        let page = fetching.await.context("the reader task failed")??;
+        let Some(last) = page.last() else { break };
+        let cursor = last.position;
+        query.after_position = cursor;
+        next = Some(tokio::spawn(fetch(store.clone(), query.clone())));
+        let n = page.len() as u64;
+        let mut records = Vec::with_capacity(page.len());
+        for mut stored in page {
+            stored.event.metadata.replay = Some(mark.clone());
+            let (value, _) = codec.encode(&stored.event).await.with_context(|| {
+                format!(
+                    "cannot encode event {} (position {})",
+                    stored.event.event_id, stored.position
+                )
+            })?;
+            records.push(sluice_runtime::record_of(&stored.event, value));
         }
-        let encode = encode_page(page, &mark, codec);
-        let (sent, this) = match encoded.take() {
-            Some((records, cursor, n)) => {
-                let send = async {
-                    producer
-                        .send(topic, records)
-                        .await
-                        .with_context(|| format!("cannot publish to {topic}"))
-                };
-                let (sent, this) = tokio::join!(send, encode);
-                sent?;
-                (Some((cursor, n)), this?)
-            }
-            None => (None, encode.await?),
-        };
-        if let Some((cursor, n)) = sent {
-            done += n;
-            if let Some(end) = progressed(store, job, cursor, done, &bar, &pacer, stop).await? {
-                bar.abandon();
-                return Ok(end);
-            }
+        producer
+            .send(topic, records)
+            .await
+            .with_context(|| format!("cannot publish to {topic}"))?;
+        done += n;
+        if let Some(end) = progressed(store, job, cursor, done, &bar, &pacer, stop).await? {
+            bar.abandon();
+            return Ok(end);
         }
-        if this.0.is_empty() {
-            break;
-        }
-        encoded = Some(this);
     }
     bar.finish_and_clear();
     let secs = started.elapsed().as_secs_f64().max(1e-9);
@@ -529,27 +518,6 @@ pub(crate) async fn to_topic<L: Log>(
         },
         if mark.rescore { "re-scored" } else { "skipped" },
     )))
-}
-
-/// A page of events as marked records of the log, with its last position and its size.
-async fn encode_page(
-    page: Vec<sluice_store::StoredEvent>,
-    mark: &Replay,
-    codec: &EventCodec<AnySchemas>,
-) -> Result<(Vec<sluice_log::Record>, i64, u64)> {
-    let (cursor, n) = (page.last().map_or(0, |e| e.position), page.len() as u64);
-    let mut records = Vec::with_capacity(page.len());
-    for mut stored in page {
-        stored.event.metadata.replay = Some(mark.clone());
-        let (value, _) = codec.encode(&stored.event).await.with_context(|| {
-            format!(
-                "cannot encode event {} (position {})",
-                stored.event.event_id, stored.position
-            )
-        })?;
-        records.push(sluice_runtime::record_of(&stored.event, value));
-    }
-    Ok((records, cursor, n))
 }
 
 /// Records a job's progress after a page or step, then paces it; says when it must stop
