@@ -78,6 +78,21 @@ impl TestDatabase {
     }
 }
 
+/// Runs `body` with the URL of a fresh Postgres database, dropped afterwards also when the
+/// body fails (for tests of what only Postgres has).
+pub async fn on_postgres<F, Fut>(body: F)
+where
+    F: FnOnce(String) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let db = TestDatabase::create().await;
+    let result = AssertUnwindSafe(body(db.url.clone())).catch_unwind().await;
+    db.drop_now().await;
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
+
 /// Runs `body` with a store URL on each backend: a SQLite file in a temporary folder, then a
 /// fresh Postgres database, dropped afterwards.
 pub async fn on_each_backend<F, Fut>(body: F)
@@ -91,13 +106,8 @@ where
         dir.path().join("sluice.db").display()
     ))
     .await;
-    let db = TestDatabase::create().await;
-    // Drop the database even when the body fails, then fail as it did.
-    let result = AssertUnwindSafe(body(db.url.clone())).catch_unwind().await;
-    db.drop_now().await;
-    if let Err(panic) = result {
-        std::panic::resume_unwind(panic);
-    }
+    // The database is dropped even when the body fails, which then fails as it did.
+    on_postgres(body).await;
 }
 
 /// Waits until `check` holds, looking every 20 ms, and fails the test after `deadline`: for

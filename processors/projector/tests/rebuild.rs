@@ -14,7 +14,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use serde_json::{Value, json};
 use sluice_core::{Event, EventType, Source};
 use sluice_projector::Projected;
-use sluice_store::testing::TestDatabase;
+use sluice_store::testing::on_postgres;
 use sluice_store::{
     AppendBatch, AppendEvent, ProjectionBatch, RebuildOutcome, RebuildStep, Resolution, Store,
     StoreOptions,
@@ -164,10 +164,11 @@ async fn differences(conn: &mut PgConnection, table: &str, columns: &str) -> i64
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_set_based_rebuild_equals_the_projectors_own_path() {
-    let db = TestDatabase::create().await;
-    let store = Store::connect(&db.url, StoreOptions::default())
-        .await
-        .unwrap();
+    on_postgres(async |url| rebuild_equals_projection(&url).await).await;
+}
+
+async fn rebuild_equals_projection(url: &str) {
+    let store = Store::connect(url, StoreOptions::default()).await.unwrap();
     store.migrate().await.unwrap();
     let events = history();
     let by_position = append(&store, &events).await;
@@ -241,7 +242,7 @@ async fn a_set_based_rebuild_equals_the_projectors_own_path() {
     assert_eq!((again.readings, again.statuses), (0, 0));
     assert!(again.events > 0);
 
-    let mut conn = PgConnection::connect(&db.url).await.unwrap();
+    let mut conn = PgConnection::connect(url).await.unwrap();
     let reading_columns = "event_id, device_id, at, ingested_at, seq, temperature_c, \
                            humidity_pct, pressure_hpa, vibration_mm_s, battery_pct, extra";
     assert_eq!(differences(&mut conn, "readings", reading_columns).await, 0);
@@ -311,5 +312,4 @@ async fn a_set_based_rebuild_equals_the_projectors_own_path() {
         }
     }
     store.close().await;
-    db.drop_now().await;
 }
