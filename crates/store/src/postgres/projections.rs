@@ -599,13 +599,13 @@ static READING_OK: LazyLock<String> = LazyLock::new(|| {
 
 const STATUS_OK: &str = "coalesce(jsonb_typeof(e.payload->'state') = 'string', false)";
 
-/// The step's events of `types`: positions `$2 < position <= $3`, lane `$4` of `$5`. `OFFSET 0`
+/// The step's events of `types`: positions `$1 < position <= $2`, lane `$3` of `$4`. `OFFSET 0`
 /// keeps the lane test ahead of the payload tests, which then see only the lane's events.
 fn step_events(types: &str) -> String {
     format!(
         "(SELECT * FROM events e
-          WHERE e.position > $2 AND e.position <= $3 AND e.event_type IN ({types})
-            AND (hashtext(e.aggregate_id) & 2147483647) % $5 = $4
+          WHERE e.position > $1 AND e.position <= $2 AND e.event_type IN ({types})
+            AND (hashtext(e.aggregate_id) & 2147483647) % $4 = $3
           OFFSET 0) AS e"
     )
 }
@@ -619,8 +619,7 @@ static STEP_COUNTS: LazyLock<String> = LazyLock::new(|| {
                                                 THEN {ok} ELSE {STATUS_OK} END) AS unprojectable,
                 min(e.occurred_at) FILTER (WHERE e.event_type = 'sensor.reading') AS lo,
                 max(e.occurred_at) FILTER (WHERE e.event_type = 'sensor.reading') AS hi
-         FROM {events}
-         WHERE $1::int4 IS NOT NULL",
+         FROM {events}",
         ok = *READING_OK,
         events = step_events("'sensor.reading', 'device.status'")
     )
@@ -635,7 +634,7 @@ static STEP_READINGS: LazyLock<String> = LazyLock::new(|| {
         .collect();
     format!(
         "INSERT INTO readings (version, event_id, device_id, at, ingested_at, seq, {cols}, extra)
-         SELECT $1, e.event_id, e.aggregate_id, e.occurred_at, e.ingested_at,
+         SELECT $5, e.event_id, e.aggregate_id, e.occurred_at, e.ingested_at,
                 CASE WHEN jsonb_typeof(e.payload->'seq') = 'number'
                           AND e.payload->>'seq' ~ '^-?[0-9]{{1,18}}$'
                      THEN (e.payload->>'seq')::int8 END,
@@ -663,7 +662,7 @@ static STEP_STATUSES: LazyLock<String> = LazyLock::new(|| {
                 CASE WHEN jsonb_typeof(e.payload->'reason') = 'string'
                      THEN e.payload->>'reason' END AS reason
          FROM {events}
-         WHERE $1::int4 IS NOT NULL AND {STATUS_OK}",
+         WHERE {STATUS_OK}",
         events = step_events("'device.status'")
     )
 });
@@ -672,7 +671,7 @@ static STEP_STATUSES: LazyLock<String> = LazyLock::new(|| {
 /// a join through `event_ids` is planned as a scan of every event).
 const PAYLOADS: &str = "
 SELECT e.event_id, e.payload::text FROM events e
-WHERE e.position > $2 AND e.position <= $3 AND e.event_id = ANY($1)";
+WHERE e.position > $1 AND e.position <= $2 AND e.event_id = ANY($3)";
 
 impl PgStore {
     pub async fn rebuild_step(&self, step: &RebuildStep) -> Result<RebuildOutcome> {
@@ -692,7 +691,6 @@ impl PgStore {
         };
         let bind = |sql: &'static str| {
             sqlx::query(sql)
-                .bind(step.version)
                 .bind(step.after)
                 .bind(step.upto)
                 .bind(lane)
@@ -718,6 +716,7 @@ impl PgStore {
             .await
             .map_err(db(OP))?;
         let rows = bind(STEP_READINGS.as_str())
+            .bind(step.version)
             .fetch_all(&mut *tx)
             .await
             .map_err(db(OP))?;
@@ -784,9 +783,9 @@ impl PgStore {
             .collect();
         if !newest.is_empty() {
             let payloads: HashMap<Uuid, String> = sqlx::query_as(PAYLOADS)
-                .bind(&newest)
                 .bind(step.after)
                 .bind(step.upto)
+                .bind(&newest)
                 .fetch_all(&mut *tx)
                 .await
                 .map_err(db(OP))?
