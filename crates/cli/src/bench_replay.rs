@@ -78,14 +78,17 @@ pub fn bench_replay(args: &BenchReplayArgs) -> Result<ExitCode> {
         .with_context(|| format!("cannot register the schemas of {}", args.schemas.display()))?;
     let codec = Arc::new(EventCodec::new(AnySchemas::Local(registry)));
     let report = runtime()?.block_on(async {
-        let scratch = ScratchDatabase::create(&args.store, "replay")
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot create a scratch database on the server of {}",
-                    redact(&args.store)
-                )
-            })?;
+        let scratch = ScratchDatabase::create(
+            &args.store,
+            &format!("sluice_bench_replay_{}", std::process::id()),
+        )
+        .await
+        .with_context(|| {
+            format!(
+                "cannot create a scratch database on the server of {}",
+                redact(&args.store)
+            )
+        })?;
         let url = scratch.url.clone();
         // Ctrl-C ends the run, not the process: the scratch database is still dropped.
         let result = tokio::select! {

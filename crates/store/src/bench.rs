@@ -223,8 +223,8 @@ fn json<T: Serialize>(v: &T) -> Result<String> {
     serde_json::to_string(v).map_err(|e| Error::corrupt(OP, format!("cannot write JSON: {e}")))
 }
 
-/// A database of its own on a PostgreSQL server, for a bench that fills an event store: the
-/// store given is never written to. Drop it with [`ScratchDatabase::drop_now`].
+/// A database of its own on a PostgreSQL server, for a bench that fills an event store (the
+/// store given is never written to) or for a test. Drop it with [`ScratchDatabase::drop_now`].
 #[derive(Debug)]
 pub struct ScratchDatabase {
     admin_url: String,
@@ -234,14 +234,11 @@ pub struct ScratchDatabase {
 }
 
 impl ScratchDatabase {
-    /// Creates `sluice_bench_<tag>_<pid>_<time>` on the server of `url` (connecting to `url`'s
-    /// own database to do it).
-    pub async fn create(url: &str, tag: &str) -> Result<ScratchDatabase> {
+    /// Creates `<prefix>_<random>` on the server of `url` (connecting to `url`'s own database
+    /// to do it). `prefix` must be a plain SQL name.
+    pub async fn create(url: &str, prefix: &str) -> Result<ScratchDatabase> {
         const OP: &str = "create a scratch database";
-        let stamp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis());
-        let name = format!("sluice_bench_{tag}_{}_{stamp}", std::process::id());
+        let name = format!("{prefix}_{}", uuid::Uuid::new_v4().simple());
         let mut conn = PgConnection::connect(url).await.map_err(db(OP))?;
         conn.execute(format!("CREATE DATABASE {name}").as_str())
             .await
@@ -249,7 +246,7 @@ impl ScratchDatabase {
         let _ = conn.close().await;
         Ok(ScratchDatabase {
             admin_url: url.to_owned(),
-            url: crate::testing::with_database(url, &name),
+            url: with_database(url, &name),
             name,
         })
     }
@@ -265,6 +262,22 @@ impl ScratchDatabase {
             .map_err(db(OP))?;
         let _ = conn.close().await;
         Ok(())
+    }
+}
+
+/// `url` with its database replaced by `db`.
+pub fn with_database(url: &str, db: &str) -> String {
+    let (scheme, rest) = url.split_once("://").expect("a postgres:// URL");
+    let (authority, query) = match rest.split_once('/') {
+        Some((authority, path)) => (authority, path.split_once('?').map(|(_, q)| q)),
+        None => (
+            rest.split_once('?').map_or(rest, |(a, _)| a),
+            rest.split_once('?').map(|(_, q)| q),
+        ),
+    };
+    match query {
+        Some(q) => format!("{scheme}://{authority}/{db}?{q}"),
+        None => format!("{scheme}://{authority}/{db}"),
     }
 }
 

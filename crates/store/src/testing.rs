@@ -8,7 +8,9 @@ use std::panic::AssertUnwindSafe;
 
 use futures::FutureExt;
 
-use sqlx::{Connection, Executor, PgConnection};
+use sqlx::{Connection, PgConnection};
+
+use crate::bench::ScratchDatabase;
 
 const DEFAULT_SERVER: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
@@ -17,21 +19,7 @@ pub fn server_url() -> String {
     std::env::var("SLUICE_TEST_POSTGRES").unwrap_or_else(|_| DEFAULT_SERVER.to_owned())
 }
 
-/// `url` with its database replaced by `db`.
-pub fn with_database(url: &str, db: &str) -> String {
-    let (scheme, rest) = url.split_once("://").expect("a postgres:// URL");
-    let (authority, query) = match rest.split_once('/') {
-        Some((authority, path)) => (authority, path.split_once('?').map(|(_, q)| q)),
-        None => (
-            rest.split_once('?').map_or(rest, |(a, _)| a),
-            rest.split_once('?').map(|(_, q)| q),
-        ),
-    };
-    match query {
-        Some(q) => format!("{scheme}://{authority}/{db}?{q}"),
-        None => format!("{scheme}://{authority}/{db}"),
-    }
-}
+pub use crate::bench::with_database;
 
 /// A connection to the test server's own database, for CREATE and DROP DATABASE.
 pub async fn admin() -> PgConnection {
@@ -48,7 +36,7 @@ pub async fn admin() -> PgConnection {
 /// A database of its own for one test; call [`TestDatabase::drop_now`] at the end.
 #[derive(Debug)]
 pub struct TestDatabase {
-    name: String,
+    scratch: ScratchDatabase,
     /// Its URL.
     pub url: String,
 }
@@ -56,25 +44,28 @@ pub struct TestDatabase {
 impl TestDatabase {
     /// Creates `sluice_test_<random>` on the test server.
     pub async fn create() -> TestDatabase {
-        let name = format!("sluice_test_{}", uuid::Uuid::new_v4().simple());
-        let mut conn = admin().await;
-        conn.execute(format!("CREATE DATABASE {name}").as_str())
+        let url = server_url();
+        let scratch = ScratchDatabase::create(&url, "sluice_test")
             .await
-            .expect("create the test database");
-        let _ = conn.close().await;
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot create a test database on {url}: {e}\n\
+                     These tests need a server: start one, or point them at one with \
+                     SLUICE_TEST_POSTGRES=postgres://USER@HOST:PORT/DB"
+                )
+            });
         TestDatabase {
-            url: with_database(&server_url(), &name),
-            name,
+            url: scratch.url.clone(),
+            scratch,
         }
     }
 
     /// Drops it, closing whatever still connects to it.
     pub async fn drop_now(self) {
-        let mut conn = admin().await;
-        conn.execute(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name).as_str())
+        self.scratch
+            .drop_now()
             .await
             .expect("drop the test database");
-        let _ = conn.close().await;
     }
 }
 
