@@ -39,18 +39,27 @@ fn store_of(data: &Path) -> Store {
     block_on(Store::connect(&url, StoreOptions::default())).unwrap()
 }
 
+/// Polls `check` until it gives a value, failing after [`DEADLINE`] with what it last saw.
+fn until<T>(what: &str, mut check: impl FnMut() -> Result<T, String>) -> T {
+    let start = Instant::now();
+    loop {
+        match check() {
+            Ok(v) => return v,
+            Err(seen) => assert!(
+                start.elapsed() < DEADLINE,
+                "timed out waiting for {what}: {seen}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Waits until `check` holds, reading the store from this process.
 fn wait_for<T>(what: &str, data: &Path, check: impl Fn(&Store) -> Option<T>) -> T {
     let store = store_of(data);
-    let start = Instant::now();
-    loop {
-        if let Some(v) = check(&store) {
-            block_on(store.close());
-            return v;
-        }
-        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let v = until(what, || check(&store).ok_or_else(String::new));
+    block_on(store.close());
+    v
 }
 
 fn event_count(store: &Store) -> u64 {
@@ -274,15 +283,14 @@ fn replays_deliver_no_webhook_twice() {
             offline("dev-b", 10),
         ],
     );
-    let start = Instant::now();
-    let delivered = loop {
+    let delivered = until("two webhooks", || {
         let log = std::fs::read_to_string(&webhooks).unwrap_or_default();
         if log.lines().count() >= 2 {
-            break log;
+            Ok(log)
+        } else {
+            Err(log)
         }
-        assert!(start.elapsed() < DEADLINE, "no webhooks: {log}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    });
     assert!(delivered.contains("dev-a went offline") && delivered.contains("dev-b went offline"));
     // A clean stop drains the pipeline: the second dev-a event was deduplicated by the router,
     // and nothing is left to deliver.
@@ -316,8 +324,7 @@ fn replays_deliver_no_webhook_twice() {
 
         let dev = Dev::start(&data, &[]);
         // Wait until the executor has recorded what the replay asked for.
-        let start = Instant::now();
-        let outcomes = loop {
+        let outcomes = until("the replayed actions recorded", || {
             let outcomes = ledger_outcomes(&dev);
             let replayed = outcomes.contains("duplicate,") || outcomes.contains("suppressed,");
             let count = |o: &str| {
@@ -328,14 +335,11 @@ fn replays_deliver_no_webhook_twice() {
             };
             let handled = count("duplicate") + count("suppressed");
             if replayed && handled >= if flags.is_empty() { 3 } else { 5 } {
-                break outcomes;
+                Ok(outcomes)
+            } else {
+                Err(outcomes)
             }
-            assert!(
-                start.elapsed() < DEADLINE,
-                "replayed actions not recorded: {outcomes}"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        };
+        });
         if flags.is_empty() {
             // dev-a's second outage was never paged: now it is recorded as suppressed.
             assert!(outcomes.contains("suppressed,1"), "{outcomes}");
@@ -479,18 +483,14 @@ fn a_rebuild_serves_the_old_version_until_the_switch_and_resumes_after_a_crash()
         );
     }
     // Readers moved to version 2: the store's readings are served whole again.
-    let start = Instant::now();
-    loop {
+    until("version 2 served", || {
         let served = dev.sql("SELECT count(*) AS n FROM store.readings");
         if served.contains(&total.to_string()) {
-            break;
+            Ok(())
+        } else {
+            Err(served)
         }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "not serving version 2: {served}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    });
     block_on(store.close());
     dev.stop();
 }
